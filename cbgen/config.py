@@ -1,0 +1,174 @@
+"""Frozen configuration dataclasses, validated at construction.
+
+Every validation error is a ``ValueError`` whose message names the field, the
+value given and the allowed range, so front-ends can show it as one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+MAX_SEED = 2**63 - 1
+
+
+def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept lists / a single string from JSON and normalise to tuples.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif self.stop is None:
+            object.__setattr__(self, "stop", ())
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+
+        _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+               "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _check(_is_int(self.min_new_tokens) and 0 <= self.min_new_tokens <= self.max_new_tokens,
+               "min_new_tokens", self.min_new_tokens,
+               f"an integer in [0, max_new_tokens={self.max_new_tokens}]")
+        _check(_is_num(self.temperature) and 0.0 <= self.temperature <= 100.0,
+               "temperature", self.temperature, "a number in [0, 100] (0 = greedy)")
+        _check(_is_int(self.top_k) and self.top_k >= 0,
+               "top_k", self.top_k, "an integer >= 0 (0 = off)")
+        _check(_is_num(self.top_p) and 0.0 < self.top_p <= 1.0,
+               "top_p", self.top_p, "a number in (0, 1]")
+        _check(_is_num(self.min_p) and 0.0 <= self.min_p < 1.0,
+               "min_p", self.min_p, "a number in [0, 1)")
+        _check(_is_num(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
+               "repetition_penalty", self.repetition_penalty, "a number in (0, 10]")
+        _check(_is_num(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0,
+               "presence_penalty", self.presence_penalty, "a number in [-2, 2]")
+        _check(_is_num(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0,
+               "frequency_penalty", self.frequency_penalty, "a number in [-2, 2]")
+        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed <= MAX_SEED),
+               "seed", self.seed, f"null or an integer in [0, {MAX_SEED}]")
+        _check(_is_int(self.n) and 1 <= self.n <= 64, "n", self.n, "an integer in [1, 64]")
+        _check(all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16,
+               "stop", list(self.stop), "at most 16 non-empty strings")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+               "stop_token_ids", list(self.stop_token_ids), "a list of token ids >= 0")
+        for name in ("include_stop_str_in_output", "ignore_eos", "logprobs"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+    def replace(self, **changes: Any) -> "SamplingParams":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["stop"] = list(self.stop)
+        d["stop_token_ids"] = list(self.stop_token_ids)
+        return d
+
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, base: "SamplingParams", values: Mapping[str, Any]) -> "SamplingParams":
+        """``base`` overridden by ``values``; unknown keys are an error naming them."""
+        unknown = set(values) - cls.field_names()
+        if unknown:
+            raise ValueError(f"unknown sampling field(s) {sorted(unknown)}; "
+                             f"known: {sorted(cls.field_names())}")
+        return dataclasses.replace(base, **values)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine capacity. Token budgets bound the work of one step (one forward)."""
+
+    max_num_seqs: int = 64               # running sequences at once
+    max_num_batched_tokens: int = 512    # tokens in one forward (prefill chunks + decodes)
+    block_size: int = 16                 # tokens per KV block
+    num_kv_blocks: int | None = None     # None: derived from kv_cache_gb and the model
+    kv_cache_gb: float = 2.0             # memory budget for the KV pool when num_kv_blocks is None
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None     # None: the model's context length
+    long_prefill_token_threshold: int = 0  # >0: cap a single prefill chunk below the budget
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.max_num_seqs) and 1 <= self.max_num_seqs <= 4096,
+               "max_num_seqs", self.max_num_seqs, "an integer in [1, 4096]")
+        _check(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 16,
+               "max_num_batched_tokens", self.max_num_batched_tokens, "an integer >= 16")
+        _check(self.max_num_batched_tokens >= self.max_num_seqs,
+               "max_num_batched_tokens", self.max_num_batched_tokens,
+               f">= max_num_seqs ({self.max_num_seqs}) so every running sequence can decode")
+        _check(_is_int(self.block_size) and 1 <= self.block_size <= 1024,
+               "block_size", self.block_size, "an integer in [1, 1024]")
+        _check(self.num_kv_blocks is None or (_is_int(self.num_kv_blocks) and self.num_kv_blocks >= 1),
+               "num_kv_blocks", self.num_kv_blocks, "null or an integer >= 1")
+        _check(_is_num(self.kv_cache_gb) and self.kv_cache_gb > 0,
+               "kv_cache_gb", self.kv_cache_gb, "a number > 0")
+        _check(self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 2),
+               "max_model_len", self.max_model_len, "null or an integer >= 2")
+        _check(_is_int(self.long_prefill_token_threshold) and self.long_prefill_token_threshold >= 0,
+               "long_prefill_token_threshold", self.long_prefill_token_threshold, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to load and how. ``model=None`` is the embedded default."""
+
+    model: str | None = None
+    dtype: str = "auto"          # auto | float32 | bfloat16
+    device: str = "auto"         # auto | cpu | cuda
+    threads: int | None = None   # None: torch's default (all cores)
+    cache_dir: str | None = None  # None: $CBGEN_CACHE or ~/.cache/cbgen
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"),
+               "dtype", self.dtype, "one of auto, float32, bfloat16, float16")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               "device", self.device, "auto, cpu or cuda[:N]")
+        _check(self.threads is None or (_is_int(self.threads) and self.threads >= 1),
+               "threads", self.threads, "an integer >= 1")
+
+
+__all__ = ["SamplingParams", "EngineConfig", "ModelConfig", "field"]

@@ -1,0 +1,1 @@
+"""The continuous-batching engine. Never imports Typer, Rich or prompt-toolkit."""

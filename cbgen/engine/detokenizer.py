@@ -1,0 +1,71 @@
+"""Incremental detokenisation and stop strings. No torch.
+
+Text is decoded from a sliding window of tokens (vLLM's prefix/read offsets),
+so each step costs O(window), not O(length). A delta is held back while it
+ends in an incomplete UTF-8 character, and while its tail could still be the
+start of a stop string, so streamed text never shows what the final text drops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Detokenizer:
+    tokenizer: object
+    stop: tuple[str, ...] = ()
+    include_stop: bool = False
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""           # decoded so far (before any stop cut)
+    emitted: int = 0         # chars of `text` already handed out
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, new_ids: list[int]) -> str | None:
+        """Append tokens; returns the stop string if one now occurs in the text."""
+        self.token_ids.extend(new_ids)
+        prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.token_ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            old_len = len(self.text)
+            self.text += full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+            return self._find_stop(old_len)
+        return None
+
+    def _find_stop(self, old_len: int) -> str | None:
+        if not self.stop:
+            return None
+        best = None
+        for s in self.stop:
+            i = self.text.find(s, max(0, old_len - len(s) + 1))
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return None
+        i, s = best
+        self.text = self.text[: i + len(s) if self.include_stop else i]
+        return s
+
+    def delta(self, finished: bool) -> str:
+        """Text not handed out yet; while running, a possible stop prefix is held back."""
+        end = len(self.text)
+        if not finished and self.stop:
+            hold = max(len(s) for s in self.stop) - 1
+            end = max(self.emitted, end - hold)
+        out = self.text[self.emitted:end]
+        self.emitted = end
+        return out
+
+    def finish_text(self) -> None:
+        """At a non-stop finish, flush what the window still holds (e.g. a dangling byte)."""
+        tail = self._decode(self.token_ids[self.prefix_offset:])
+        prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        if len(tail) > len(prefix):
+            self.text += tail[len(prefix):]
+            self.read_offset = len(self.token_ids)
+            self.prefix_offset = self.read_offset

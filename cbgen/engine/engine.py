@@ -1,0 +1,193 @@
+"""Engine: add_request / abort / step() -> list[RequestOutput] / has_unfinished.
+
+``step`` is three verbs: schedule, execute, update. ``add_request`` and
+``abort`` may be called from any thread: they only queue work, which the
+stepping thread picks up at the start of its next step, so a request added
+while others decode joins at the next step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import EngineConfig, SamplingParams
+from .block_manager import BlockManager
+from .detokenizer import Detokenizer
+from .outputs import FinishReason, RequestOutput
+from .request import Request
+from .runner import ModelRunner, kv_geometry, num_blocks_for
+from .scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float            # fraction of KV blocks in use
+    num_kv_blocks: int
+    prefix_hit_rate: float     # prompt tokens served from the prefix cache / prompt tokens looked up
+    num_preemptions: int
+    num_steps: int
+    num_forward_tokens: int
+    num_generated_tokens: int
+
+
+class Engine:
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, *,
+                 max_model_len: int | None = None, eos_token_ids: tuple[int, ...] = ()) -> None:
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        model_len = max_model_len or getattr(model.config, "max_position_embeddings", 2048)
+        self.max_model_len = min(model_len, self.config.max_model_len or model_len)
+        self.vocab_size = model.config.vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        num_blocks = num_blocks_for(self.config, kv_geometry(model), self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.block_manager, self.max_model_len)
+        self.runner = ModelRunner(model, self.config, num_blocks)
+        self._lock = threading.Lock()
+        self._inbox: list[Request] = []
+        self._aborts: list[str] = []
+        self._live: dict[str, list[Request]] = {}   # request_id -> its samples, until all finish
+        self._detok: dict[tuple[str, int], Detokenizer] = {}
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+
+    @classmethod
+    def from_loaded(cls, loaded, config: EngineConfig | None = None) -> "Engine":
+        from ..models import eos_token_ids
+        return cls(loaded.model, loaded.tokenizer, config, max_model_len=loaded.max_model_len,
+                   eos_token_ids=eos_token_ids(loaded.tokenizer, loaded.model))
+
+    # ---- submission (any thread) ----------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    *, extra: dict[str, Any] | None = None, arrival_time: float | None = None) -> None:
+        """Queue a request; it joins the batch at the next step.
+
+        Raises ValueError naming the field for an invalid request: empty or
+        out-of-vocabulary prompt, a prompt that leaves no room in the context,
+        a duplicate live id, or params that are not SamplingParams.
+        """
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+        if not prompt_token_ids:
+            raise ValueError("prompt: is empty (expected at least one token)")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(prompt_token_ids)} tokens leave no room to generate "
+                             f"within the context length of {self.max_model_len} tokens")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: {bad} is outside the vocabulary [0, {self.vocab_size})")
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        reqs: list[Request] = []
+        for i in range(params.n):
+            reqs.append(Request(request_id, list(prompt_token_ids), params, self.eos_token_ids, index=i,
+                                arrival_time=arrival, extra=dict(extra or {}),
+                                wait_for=reqs[0] if i else None))
+        with self._lock:
+            if request_id in self._live:
+                raise ValueError(f"request_id: {request_id!r} is already running")
+            self._live[request_id] = reqs
+            self._inbox.extend(reqs)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request (all its samples); its last output says ``abort``.
+        Returns False when the id is not live."""
+        with self._lock:
+            if request_id not in self._live:
+                return False
+            self._aborts.append(request_id)
+            return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._live)
+
+    def live_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._live)
+
+    # ---- the step (one thread) -------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = self._drain_inbox()
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        result = self.runner.execute(sched)
+        changed = self.scheduler.update(sched, result.token_ids, result.logprobs)
+        self.num_steps += 1
+        self.num_generated_tokens += len(result.token_ids)
+        for req in changed:
+            outputs.append(self._output(req, new_tokens=1))
+        return outputs
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for req in inbox:
+            p = req.params
+            self._detok[req.key] = Detokenizer(self.tokenizer, p.stop, p.include_stop_str_in_output)
+            self.scheduler.add(req)
+        outputs = []
+        for rid in aborts:
+            for req in self._live.get(rid, []):
+                if not req.is_finished:
+                    self.scheduler.finish(req, FinishReason.ABORT)
+                    outputs.append(self._output(req, new_tokens=0))
+        return outputs
+
+    def _output(self, req: Request, new_tokens: int) -> RequestOutput:
+        detok = self._detok[req.key]
+        new_ids = req.output_token_ids[len(req.output_token_ids) - new_tokens:] if new_tokens else []
+        if new_ids:
+            stop = detok.add(new_ids)
+            if stop is not None and not req.is_finished:
+                self.scheduler.finish(req, FinishReason.STOP, stop)
+        if req.is_finished and req.stop_reason not in req.params.stop:
+            detok.finish_text()
+        delta = detok.delta(req.is_finished)
+        out = RequestOutput(
+            request_id=req.request_id, index=req.index, new_token_ids=new_ids, text_delta=delta,
+            text=detok.text[:detok.emitted], token_ids=req.output_token_ids, finished=req.is_finished,
+            finish_reason=req.finish_reason, metrics=req.metrics(), num_samples=req.params.n,
+            logprobs=list(req.logprobs) if req.logprobs is not None and req.is_finished else None,
+            stop_reason=req.stop_reason, extra=req.extra)
+        if req.is_finished:
+            self._retire(req)
+        return out
+
+    def _retire(self, req: Request) -> None:
+        self._detok.pop(req.key, None)
+        with self._lock:
+            samples = self._live.get(req.request_id)
+            if samples is not None and all(r.is_finished for r in samples):
+                del self._live[req.request_id]
+
+    # ---- figures ----------------------------------------------------------
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_usage=bm.usage, num_kv_blocks=bm.num_blocks, prefix_hit_rate=bm.hit_rate,
+            num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
+            num_forward_tokens=self.runner.num_forward_tokens,
+            num_generated_tokens=self.num_generated_tokens)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run ``prompts`` to completion; the final output of each (sample 0), in order."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        for i, (ids, p) in enumerate(zip(prompts, plist)):
+            self.add_request(str(i), ids, p)
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished:
+            for o in self.step():
+                if o.finished and o.index == 0:
+                    final[o.request_id] = o
+        return [final[str(i)] for i in range(len(prompts))]

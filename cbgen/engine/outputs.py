@@ -1,0 +1,99 @@
+"""What the engine hands to front-ends: one ``RequestOutput`` per sequence per step.
+
+These dataclasses are the only engine types a front-end needs. They carry no
+tensors and no references into engine state, so they may be queued across
+threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"        # EOS, a stop string or a stop token id
+    LENGTH = "length"    # max_new_tokens or the context length reached
+    ABORT = "abort"      # cancelled by the user / front-end
+    ERROR = "error"      # rejected input (front-ends create these; the engine raises instead)
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Timings are ``time.monotonic()`` seconds; derived figures are properties."""
+
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finished_time: float | None
+    num_prompt_tokens: int
+    num_cached_tokens: int      # prompt tokens served from the prefix cache
+    num_generated_tokens: int
+    num_preemptions: int = 0
+
+    @property
+    def queue_time(self) -> float | None:
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
+
+    @property
+    def ttft(self) -> float | None:
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time
+
+    @property
+    def total_time(self) -> float | None:
+        if self.finished_time is None:
+            return None
+        return self.finished_time - self.arrival_time
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first."""
+        if self.finished_time is None or self.first_token_time is None or self.num_generated_tokens < 2:
+            return None
+        return (self.finished_time - self.first_token_time) / (self.num_generated_tokens - 1)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        if self.finished_time is None or self.first_token_time is None or self.num_generated_tokens < 2:
+            return None
+        dt = self.finished_time - self.first_token_time
+        return (self.num_generated_tokens - 1) / dt if dt > 0 else None
+
+    def to_dict(self) -> dict:
+        r = lambda v: None if v is None else round(v, 4)  # noqa: E731
+        return {
+            "queue_s": r(self.queue_time),
+            "ttft_s": r(self.ttft),
+            "total_s": r(self.total_time),
+            "tpot_s": r(self.tpot),
+            "tokens_per_s": None if self.tokens_per_s is None else round(self.tokens_per_s, 2),
+        }
+
+
+@dataclass
+class RequestOutput:
+    """One sequence's progress in one step.
+
+    ``request_id`` is the id given to ``add_request``; ``index`` is the sample
+    number (0..n-1) when ``n > 1``. ``text`` is the whole text so far (stop
+    strings removed unless asked); ``text_delta`` what this step added.
+    ``finished`` is set exactly once per sequence, on its last output.
+    """
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    text_delta: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None
+    metrics: RequestMetrics
+    num_samples: int = 1                       # n of the parent request
+    logprobs: list[float] | None = None        # per generated token, when asked
+    stop_reason: str | int | None = None       # the stop string / token id that matched
+    extra: dict = field(default_factory=dict)  # front-end data passed through add_request
