@@ -23,6 +23,18 @@ from .scheduler import Scheduler
 
 
 @dataclass(frozen=True)
+class SequenceProgress:
+    """A read-only view of one live sequence, for progress displays."""
+    request_id: str
+    index: int
+    state: str                 # queued | prefill | decode
+    num_prompt_tokens: int
+    num_computed_tokens: int
+    num_output_tokens: int
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -170,6 +182,26 @@ class Engine:
                 del self._live[req.request_id]
 
     # ---- figures ----------------------------------------------------------
+    def progress(self) -> list[SequenceProgress]:
+        """Live sequences, running first. Safe from another thread: it copies
+        the queues (retrying if the stepping thread changed them meanwhile)
+        and reads only ints; a view may be one step stale."""
+        for _ in range(5):
+            try:
+                reqs = list(self.scheduler.running) + list(self.scheduler.waiting)
+                break
+            except RuntimeError:
+                continue
+        else:
+            return []
+        out = []
+        for r in reqs:
+            state = ("queued" if r.status.value == "waiting" else
+                     "prefill" if r.num_computed_tokens < r.num_prompt_tokens else "decode")
+            out.append(SequenceProgress(r.request_id, r.index, state, r.num_prompt_tokens,
+                                        r.num_computed_tokens, r.num_output_tokens, r.params.max_new_tokens))
+        return out
+
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(

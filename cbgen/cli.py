@@ -1,0 +1,155 @@
+"""Typer app: parses options, builds config + front-end; nothing else.
+
+Results go to stdout, status and errors to stderr. User errors are one line
+(``error: ...``) with exit code 2; a run with failed lines exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .config import EngineConfig, ModelConfig, SamplingParams
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Batch and interactive LLM generation on a continuous-batching engine.")
+err = Console(stderr=True)
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Local HF model dir, a .gguf file, or org/name in the "
+                        "local HF cache. Default: the embedded SmolLM2-135M-Instruct.")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 (auto: bf16 where the CPU has native bf16).")
+ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: all cores).")
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load(model: str | None, dtype: str, threads: int | None):
+    """Load the model, turning every expected failure into a one-line error."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never a network hang
+    from .models import ModelError, load_model
+    try:
+        cfg = ModelConfig(model=model, dtype=dtype, threads=threads)
+        return load_model(cfg, status=lambda msg: err.print(msg, style="dim", highlight=False))
+    except (ModelError, ValueError) as e:
+        fail(str(e))
+
+
+def _engine(loaded, max_num_seqs: int, max_batched_tokens: int, kv_cache_gb: float, prefix_cache: bool):
+    from .engine.engine import Engine
+    from .engine.runner import UnsupportedModelError
+    try:
+        cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens,
+                           kv_cache_gb=kv_cache_gb, enable_prefix_caching=prefix_cache)
+        return Engine.from_loaded(loaded, cfg)
+    except (UnsupportedModelError, ValueError) as e:
+        fail(str(e))
+
+
+def _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, n) -> SamplingParams:
+    try:
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                              stop=tuple(stop or ()), n=n)
+    except ValueError as e:
+        fail(f"option {e}")
+
+
+@app.command()
+def run(
+    inputs: list[str] = typer.Argument(..., help="Input files; '-' reads stdin as a stream."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output file (default: stdout)."),
+    model: Optional[str] = ModelOpt,
+    dtype: str = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl | openai (OpenAI Batch output lines) | text."),
+    text: bool = typer.Option(False, "--text", help="Print just the generated text (same as --format text)."),
+    order: Optional[str] = typer.Option(None, "--order", help="finish (default for stdin) | input (default for files)."),
+    resume: bool = typer.Option(False, "--resume", help="Skip ids already in --output and append the rest."),
+    validate: bool = typer.Option(False, "--validate", help="Check inputs (parsing, templates, lengths); generate nothing."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message for chat inputs that have none."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    min_p: float = typer.Option(0.0, "--min-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
+    samples: int = typer.Option(1, "--samples", help="Samples per prompt (n)."),
+    max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Sequences decoding at once."),
+    max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Token budget of one step."),
+    kv_cache_gb: float = typer.Option(2.0, "--kv-cache-gb", help="Memory for the KV cache pool."),
+    no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary on stderr."),
+) -> None:
+    """Generate for every line of INPUTS; one JSONL record per line as it finishes."""
+    from .frontends.run import BatchRun, RunOptions
+    if text:
+        fmt = "text"
+    if fmt not in ("jsonl", "openai", "text"):
+        fail(f"--format {fmt!r}: expected jsonl, openai or text")
+    order = order or ("finish" if "-" in inputs else "input")
+    if order not in ("finish", "input"):
+        fail(f"--order {order!r}: expected finish or input")
+    if resume and not output:
+        fail("--resume needs --output FILE")
+    for path in inputs:
+        if path != "-" and not os.path.isfile(path):
+            fail(f"input {path!r}: no such file")
+    defaults = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, samples)
+    loaded = _load(model, dtype, threads)
+    if validate:
+        from .frontends.validate import validate_inputs
+        raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err))
+    engine = _engine(loaded, max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache)
+    opts = RunOptions(inputs=inputs, output=output, fmt=fmt, order=order, resume=resume, system=system,
+                      defaults=defaults, quiet=quiet, model_name=loaded.name)
+    code = BatchRun(engine, loaded.tokenizer, opts, err).run()
+    raise typer.Exit(code)
+
+
+@app.command()
+def info(model: Optional[str] = ModelOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt) -> None:
+    """Show what would be loaded: path, architecture, parameters, dtype, context, template."""
+    from .models import model_info
+    loaded = _load(model, dtype, threads)
+    for k, v in model_info(loaded).items():
+        typer.echo(f"{k:<18} {v}")
+
+
+@app.command()
+def chat(
+    model: Optional[str] = ModelOpt,
+    dtype: str = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
+    system: Optional[str] = typer.Option(None, "--system", help="System message for new conversations."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.7, "--temperature", "-t"),
+    top_p: float = typer.Option(0.9, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    min_p: float = typer.Option(0.0, "--min-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    max_num_seqs: int = typer.Option(16, "--max-num-seqs"),
+) -> None:
+    """Interactive REPL: every prompt you submit joins the running batch."""
+    from .frontends.chat import run_chat
+    defaults = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, None, 1)
+    loaded = _load(model, dtype, threads)
+    engine = _engine(loaded, max_num_seqs, max(256, max_num_seqs), 1.0, True)
+    raise typer.Exit(run_chat(engine, loaded, defaults, system=system))
+
+
+def main() -> None:  # pragma: no cover - console script indirection
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

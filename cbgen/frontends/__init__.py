@@ -1,0 +1,1 @@
+"""Front-ends: run (files + stdin), chat (REPL), progress view. All share Driver."""

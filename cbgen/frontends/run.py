@@ -1,0 +1,213 @@
+"""``cbgen run``: inputs (files, stdin streams) -> engine -> JSONL as results finish.
+
+Flow: a Prefetcher thread reads and parses lines (bounded read-ahead); this
+loop admits records while fewer than ``max_in_flight`` are live, so stdin lines
+join a batch that is already decoding; the Driver's engine thread steps; each
+finished input is written at once (or through a bounded reorder buffer for
+``--order input``). Bad lines become error records; nothing already generated
+is lost. Signals only set flags; this loop acts on them (a handler must not take
+the engine's lock, which this thread may be holding).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.live import Live
+
+from ..config import SamplingParams
+from ..engine.engine import Engine
+from ..engine.outputs import RequestOutput
+from ..io.reader import Prefetcher, read_records
+from ..io.records import InputError, InputRecord, LineParser
+from ..io.resume import load_done_ids
+from ..io.writer import OutputClosed, ReorderBuffer, Writer, error_result, make_writer, result_from_outputs
+from .driver import Driver, EngineFailed
+from .progress import ProgressView
+from .prompting import PromptError, encode
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    inputs: list[str]
+    output: str | None = None          # None: stdout
+    fmt: str = "jsonl"                 # jsonl | openai | text
+    order: str = "finish"              # finish | input
+    resume: bool = False
+    system: str | None = None
+    defaults: SamplingParams = field(default_factory=SamplingParams)
+    progress: bool | None = None       # None: when stderr is a terminal
+    quiet: bool = False
+    read_ahead: int = 64
+    model_name: str | None = None
+
+
+@dataclass
+class _Pending:
+    record: InputRecord
+    ticket: int | None
+    outputs: list[RequestOutput] = field(default_factory=list)
+
+
+class _Signals:
+    """First Ctrl-C: stop admitting. Second Ctrl-C or SIGTERM: abort running."""
+
+    def __init__(self) -> None:
+        self.stop_admitting = False
+        self.abort = False
+        self.announced = 0
+        self._old: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGTERM or self.stop_admitting:
+            self.abort = True
+        self.stop_admitting = True
+
+    def __enter__(self) -> "_Signals":
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class BatchRun:
+    def __init__(self, engine: Engine, tokenizer, opts: RunOptions, err: Console) -> None:
+        self.engine, self.tokenizer, self.opts, self.err = engine, tokenizer, opts, err
+        self.failed = 0
+        self.written = 0
+        self.pending: dict[str, _Pending] = {}
+        # In flight beyond the engine's slots so a freed slot is refilled at the very next step.
+        self.max_in_flight = engine.config.max_num_seqs + max(8, engine.config.max_num_seqs // 4)
+        self.reorder: ReorderBuffer | None = (
+            ReorderBuffer(limit=self.max_in_flight + opts.read_ahead) if opts.order == "input" else None)
+
+    # ---- output -----------------------------------------------------------
+    def _emit(self, writer: Writer, rec, ticket: int | None, view: ProgressView) -> None:
+        view.record_done(error=rec.finish_reason == "error")
+        ready = [rec] if self.reorder is None or ticket is None else self.reorder.push(ticket, rec)
+        for r in ready:
+            writer.write(r)
+            self.written += 1
+
+    def _reject(self, writer: Writer, item, message: str, ticket: int | None, view: ProgressView) -> None:
+        self.failed += 1
+        self.err.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+        self._emit(writer, error_result(item, message if isinstance(item, InputRecord) else None,
+                                        self.opts.model_name), ticket, view)
+
+    # ---- admission ------------------------------------------------------------
+    def _admit(self, items, writer: Writer, driver: Driver, view: ProgressView) -> None:
+        for item in items:
+            ticket = self.reorder.reserve() if self.reorder is not None else None
+            if isinstance(item, InputError):
+                self._reject(writer, item, item.message, ticket, view)
+                continue
+            try:
+                ids = encode(self.tokenizer, prompt=item.prompt, messages=item.messages)
+                driver.submit(item.id, ids, item.params, extra={"line": item.line_no})
+            except (PromptError, ValueError) as e:
+                self._reject(writer, item, f"line {item.line_no}: {e}", ticket, view)
+                continue
+            self.pending[item.id] = _Pending(item, ticket)
+
+    def _room(self) -> int:
+        room = self.max_in_flight - len(self.pending)
+        if self.reorder is not None and self.reorder.limit is not None:
+            room = min(room, self.reorder.limit - self.reorder.outstanding)
+        return max(room, 0)
+
+    # ---- the loop ---------------------------------------------------------
+    def run(self) -> int:
+        opts = self.opts
+        done = load_done_ids(opts.output) if opts.resume and opts.output and os.path.exists(opts.output) else None
+        if done is not None and done.done_ids:
+            self.err.print(f"resume: {len(done.done_ids)} ids already in {opts.output}, skipping them",
+                           highlight=False)
+        parser = LineParser(opts.defaults, system=opts.system, skip_ids=done.done_ids if done else ())
+        prefetch = Prefetcher(read_records(opts.inputs, parser), maxsize=opts.read_ahead)
+        out_cm = (open(opts.output, "a" if opts.resume else "w", encoding="utf-8")
+                  if opts.output else nullcontext(sys.stdout))
+        show = opts.progress if opts.progress is not None else (self.err.is_terminal and not opts.quiet)
+        view = ProgressView(self.engine)
+        driver = Driver(self.engine)
+        input_done = False
+        with out_cm as stream, _Signals() as sig, driver:
+            writer = make_writer(opts.fmt, stream)
+            live = Live(view.render(), console=self.err, refresh_per_second=8, transient=True) if show else nullcontext()
+            try:
+                with live:
+                    while True:
+                        if sig.stop_admitting and sig.announced == 0:
+                            sig.announced = 1
+                            prefetch.close()
+                            self.err.print(f"stopping: no new inputs; finishing {len(self.pending)} running "
+                                           "(Ctrl-C again to abort them)", highlight=False)
+                        if sig.abort and sig.announced < 2:
+                            sig.announced = 2
+                            self.err.print("aborting: writing partial results", highlight=False)
+                            driver.abort_all()
+                        if not sig.stop_admitting and not input_done and self._room():
+                            # Block briefly on input only when the engine has nothing to do.
+                            wait = 0.1 if not self.pending else 0
+                            try:
+                                self._admit(prefetch.get_many(self._room(), timeout=wait), writer, driver, view)
+                            except OSError as e:
+                                self.err.print(f"error: cannot read input: {e}", highlight=False)
+                                self.failed += 1
+                                input_done = True
+                            input_done = input_done or prefetch.exhausted
+                        if input_done and view.total is None:
+                            view.total = view.done + len(self.pending)
+                        view.queued_outside = prefetch.waiting
+                        if not self.pending and (input_done or sig.stop_admitting):
+                            break
+                        self._drain(driver, writer, view, timeout=0.02 if not input_done else 0.1)
+                        if show:
+                            live.update(view.render())
+            except OutputClosed:
+                driver.abort_all()
+                prefetch.close()
+                # Python's final flush would report the broken pipe again.
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                return 0
+            finally:
+                prefetch.close()
+            if self.reorder is not None:
+                for r in self.reorder.drain():
+                    writer.write(r)
+        if not opts.quiet:
+            self.err.print(view.summary(), highlight=False)
+        return 1 if self.failed else 0
+
+    def _drain(self, driver: Driver, writer: Writer, view: ProgressView, timeout: float) -> None:
+        try:
+            first = driver.events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        events = [first]
+        while True:
+            try:
+                events.append(driver.events.get_nowait())
+            except queue.Empty:
+                break
+        for ev in events:
+            if isinstance(ev, EngineFailed):
+                raise ev.error
+            view.observe(ev)
+            if not ev.finished:
+                continue
+            p = self.pending[ev.request_id]
+            p.outputs.append(ev)
+            if len(p.outputs) == ev.num_samples:
+                del self.pending[ev.request_id]
+                self._emit(writer, result_from_outputs(p.record, p.outputs, self.opts.model_name), p.ticket, view)
