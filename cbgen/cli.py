@@ -88,6 +88,8 @@ def run(
     kv_cache_gb: float = typer.Option(2.0, "--kv-cache-gb", help="Memory for the KV cache pool."),
     no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary on stderr."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+                                            help="Live view on stderr (default: when stderr is a terminal)."),
 ) -> None:
     """Generate for every line of INPUTS; one JSONL record per line as it finishes."""
     from .frontends.run import BatchRun, RunOptions
@@ -110,7 +112,7 @@ def run(
         raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err))
     engine = _engine(loaded, max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache)
     opts = RunOptions(inputs=inputs, output=output, fmt=fmt, order=order, resume=resume, system=system,
-                      defaults=defaults, quiet=quiet, model_name=loaded.name)
+                      defaults=defaults, quiet=quiet, progress=progress, model_name=loaded.name)
     code = BatchRun(engine, loaded.tokenizer, opts, err).run()
     raise typer.Exit(code)
 

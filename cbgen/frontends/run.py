@@ -23,7 +23,7 @@ from rich.live import Live
 
 from ..config import SamplingParams
 from ..engine.engine import Engine
-from ..engine.outputs import RequestOutput
+from ..engine.outputs import FinishReason, RequestOutput
 from ..io.reader import Prefetcher, read_records
 from ..io.records import InputError, InputRecord, LineParser
 from ..io.resume import load_done_ids
@@ -84,6 +84,7 @@ class BatchRun:
         self.engine, self.tokenizer, self.opts, self.err = engine, tokenizer, opts, err
         self.failed = 0
         self.written = 0
+        self.not_started = 0
         self.pending: dict[str, _Pending] = {}
         # In flight beyond the engine's slots so a freed slot is refilled at the very next step.
         self.max_in_flight = engine.config.max_num_seqs + max(8, engine.config.max_num_seqs // 4)
@@ -95,6 +96,8 @@ class BatchRun:
         view.record_done(error=rec.finish_reason == "error")
         ready = [rec] if self.reorder is None or ticket is None else self.reorder.push(ticket, rec)
         for r in ready:
+            if r is None:  # the slot of an input that never started
+                continue
             writer.write(r)
             self.written += 1
 
@@ -184,7 +187,11 @@ class BatchRun:
                 prefetch.close()
             if self.reorder is not None:
                 for r in self.reorder.drain():
-                    writer.write(r)
+                    if r is not None:
+                        writer.write(r)
+        if self.not_started:
+            self.err.print(f"{self.not_started} inputs never started; no record was written for them "
+                           "(run again with --resume to do them)", highlight=False)
         if not opts.quiet:
             self.err.print(view.summary(), highlight=False)
         return 1 if self.failed else 0
@@ -207,6 +214,15 @@ class BatchRun:
             if not ev.finished:
                 continue
             p = self.pending[ev.request_id]
+            if ev.finish_reason is FinishReason.ABORT and ev.metrics.first_scheduled_time is None:
+                # Never started: no record, so `--resume` runs it later.
+                self.not_started += 1
+                del self.pending[ev.request_id]
+                if self.reorder is not None and p.ticket is not None:
+                    for r in self.reorder.push(p.ticket, None):
+                        if r is not None:
+                            writer.write(r)
+                continue
             p.outputs.append(ev)
             if len(p.outputs) == ev.num_samples:
                 del self.pending[ev.request_id]

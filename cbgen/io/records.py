@@ -1,0 +1,277 @@
+"""One input line -> ``InputRecord`` | ``InputError`` | ``None`` (blank line).
+
+Formats, detected per line (a file may mix them):
+
+* blank (whitespace only): skipped, ``None``; it still counts for line numbers.
+* plain text: a line whose first non-blank character is not ``{``. The line,
+  minus its terminator, is one user turn (kind ``text``, sent as ``messages``).
+* ``{"prompt": str, ...}``: a raw completion prompt (kind ``prompt``); no chat
+  template, so ``--system`` does not apply.
+* ``{"messages": [{"role", "content"}, ...], ...}``: a chat (kind ``messages``).
+* OpenAI Batch envelope, recognised by ``custom_id`` or ``body`` (kind
+  ``openai``): ``url`` ``/v1/chat/completions`` (``body.messages``, the default)
+  or ``/v1/completions`` (``body.prompt``).
+
+A line starting with ``{`` is always JSON: invalid JSON is an error, not text.
+
+Sampling fields override the defaults per line: any ``SamplingParams`` field
+name, plus ``max_tokens`` / ``max_completion_tokens`` for ``max_new_tokens``;
+``null`` means "use the default". In the OpenAI format they live in ``body``
+and every other body key (``model``, ``user``, ...) is ignored. In the cbgen
+format ``id``, ``prompt``, ``messages`` and ``metadata`` are structural; any
+other key is ignored (datasets carry extra columns) unless it looks like a typo
+of a sampling field (``temprature``), which is an error.
+
+The id is ``id`` / ``custom_id`` as a string, else the line number (``"7"``,
+or ``"a.jsonl:7"`` when several inputs are read). ``LineParser`` adds what
+needs state: duplicate ids and resume skipping.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Collection
+
+from cbgen.config import SamplingParams
+
+ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
+FIELDS = SamplingParams.field_names()
+KNOWN_SAMPLING = FIELDS | ALIASES.keys()
+CBGEN_KEYS = {"id", "prompt", "messages", "metadata"}
+ROLES = ("system", "user", "assistant")
+OPENAI_URLS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
+# SamplingParams' ValueError format (config._check): "<name>=<repr> is invalid: expected <allowed>".
+_SP_ERROR = re.compile(r"(?P<name>\w+)=(?P<got>.*) is invalid: expected (?P<expected>.*)", re.S)
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    """A valid input. Exactly one of ``prompt`` (raw) / ``messages`` (chat) is set."""
+
+    id: str
+    line_no: int                       # 1-based within its source
+    kind: str                          # "text" | "prompt" | "messages" | "openai"
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    params: SamplingParams
+    raw_format: str                    # "cbgen" | "openai"
+    extra: dict[str, Any] = field(default_factory=dict)  # openai url/method/model; cbgen metadata
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+@dataclass(frozen=True)
+class InputError:
+    """A rejected line. ``message`` is one line naming the line, the field and what was expected."""
+
+    id: str
+    line_no: int
+    field: str                         # "json", "encoding", "temperature", "messages[1].content", ...
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _Bad(Exception):
+    def __init__(self, field: str, what: str) -> None:
+        super().__init__(what)
+        self.field, self.what = field, what
+
+
+def _show(v: Any) -> str:
+    s = json.dumps(v, ensure_ascii=False)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def _text(v: Any, name: str) -> str:
+    if not isinstance(v, str):
+        raise _Bad(name, f"expected a string, got {_show(v)}")
+    try:  # lone surrogates (bad bytes from the reader, or "\ud800" escapes) would crash the tokenizer
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Bad(name, f"invalid UTF-8 at character {e.start + 1}") from None
+    return v
+
+
+def _content(v: Any, name: str) -> str:
+    if isinstance(v, list):  # OpenAI content parts: only text parts are supported
+        for i, p in enumerate(v):
+            if not (isinstance(p, dict) and p.get("type") == "text"):
+                raise _Bad(f"{name}[{i}]", f"expected a text part {{type: text, text}}, got {_show(p)}")
+        return "".join(_text(p.get("text"), f"{name}[{i}].text") for i, p in enumerate(v))
+    if not isinstance(v, str):
+        raise _Bad(name, f"expected a string or a list of text parts, got {_show(v)}")
+    return _text(v, name)
+
+
+def _messages(v: Any, name: str, system: str | None) -> list[dict[str, str]]:
+    if not isinstance(v, list) or not v:
+        raise _Bad(name, f"expected a non-empty list of {{role, content}} objects, got {_show(v)}")
+    out = []
+    for i, m in enumerate(v):
+        at = f"{name}[{i}]"
+        if not isinstance(m, dict):
+            raise _Bad(at, f"expected an object with 'role' and 'content', got {_show(m)}")
+        role = "system" if m.get("role") == "developer" else m.get("role")  # OpenAI's newer name
+        if role not in ROLES:
+            raise _Bad(f"{at}.role", f"expected one of {', '.join(ROLES)}, got {_show(m.get('role'))}")
+        if "content" not in m:
+            raise _Bad(f"{at}.content", "missing: expected a string")
+        out.append({"role": role, "content": _content(m["content"], f"{at}.content")})
+    return _with_system(out, system)
+
+
+def _with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    if system is None or any(m["role"] == "system" for m in messages):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
+
+
+def _params(defaults: SamplingParams, values: dict[str, Any], prefix: str) -> SamplingParams:
+    """``defaults`` overridden by the sampling keys of ``values``; other keys are skipped."""
+    vals: dict[str, Any] = {}
+    given: dict[str, str] = {}  # canonical name -> key the user wrote, so errors name their key
+    for key, v in values.items():
+        name = ALIASES.get(key, key)
+        if name not in FIELDS or v is None:
+            continue
+        if name in vals and vals[name] != v:
+            raise _Bad(prefix + key, f"conflicts with '{prefix}{given[name]}'")
+        if name == "stop" and not isinstance(v, (str, list)):
+            raise _Bad(prefix + key, f"expected a string or a list of strings, got {_show(v)}")
+        if name == "stop_token_ids" and not isinstance(v, list):
+            raise _Bad(prefix + key, f"expected a list of token ids, got {_show(v)}")
+        vals[name], given[name] = v, key
+    try:
+        return SamplingParams.from_mapping(defaults, vals)
+    except (ValueError, TypeError) as e:
+        m = _SP_ERROR.fullmatch(str(e))
+        if m is None:
+            raise _Bad(prefix + "params", str(e)) from None
+        name = m["name"]
+        got = _show(vals[name]) if name in vals else m["got"]
+        raise _Bad(prefix + given.get(name, name), f"expected {m['expected']}, got {got}") from None
+
+
+def _record_id(obj: dict[str, Any], key: str) -> str:
+    v = obj[key]
+    if isinstance(v, str) and v:
+        return v
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    raise _Bad(key, f"expected a non-empty string or an integer, got {_show(v)}")
+
+
+def _cbgen(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None) -> InputRecord:
+    for key in sorted(obj.keys() - CBGEN_KEYS - KNOWN_SAMPLING):
+        close = difflib.get_close_matches(key, KNOWN_SAMPLING, n=1, cutoff=0.8)
+        if close:
+            raise _Bad(key, f"unknown field (did you mean '{close[0]}'?)")
+    if "prompt" in obj and "messages" in obj:
+        raise _Bad("messages", "give either 'prompt' or 'messages', not both")
+    if "messages" in obj:
+        kind, prompt, messages = "messages", None, _messages(obj["messages"], "messages", system)
+    elif "prompt" in obj:
+        kind, prompt, messages = "prompt", _text(obj["prompt"], "prompt"), None
+    else:
+        raise _Bad("prompt", "missing: expected 'prompt' (a string) or 'messages' (a list of {role, content})")
+    extra = {"metadata": obj["metadata"]} if "metadata" in obj else {}
+    return InputRecord(rid, line_no, kind, prompt, messages, _params(defaults, obj, ""), "cbgen", extra)
+
+
+def _openai(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None) -> InputRecord:
+    if "custom_id" not in obj:
+        raise _Bad("custom_id", "missing: an OpenAI Batch line needs a 'custom_id'")
+    url = obj.get("url", "/v1/chat/completions")
+    if url not in OPENAI_URLS:
+        raise _Bad("url", f"expected one of {', '.join(OPENAI_URLS)}, got {_show(url)}")
+    method = obj.get("method", "POST")
+    if method != "POST":
+        raise _Bad("method", f"expected \"POST\", got {_show(method)}")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        raise _Bad("body", f"expected an object with the request, got {_show(body)}")
+    need = OPENAI_URLS[url]
+    if need not in body:
+        raise _Bad(f"body.{need}", f"missing: {url} needs '{need}'")
+    prompt = _text(body["prompt"], "body.prompt") if need == "prompt" else None
+    messages = _messages(body["messages"], "body.messages", system) if need == "messages" else None
+    extra = {"url": url, "method": method, "model": body.get("model")}
+    return InputRecord(rid, line_no, "openai", prompt, messages, _params(defaults, body, "body."), "openai", extra)
+
+
+def parse_line(line: str, line_no: int, defaults: SamplingParams, *, system: str | None = None,
+               source: str | None = None) -> InputRecord | InputError | None:
+    """Parse one line (terminator optional). Never raises for bad input: returns ``InputError``.
+
+    ``None`` for a blank line. ``source`` names the input when several are read:
+    it prefixes default ids (``"a.jsonl:7"``) and messages (``a.jsonl line 7``).
+    Invalid UTF-8 arrives as lone surrogates (``surrogateescape``) and is an
+    ``InputError`` with field ``encoding``.
+    """
+    loc = f"line {line_no}" if source is None else f"{source} line {line_no}"
+    rid = str(line_no) if source is None else f"{source}:{line_no}"
+    try:
+        line = _text(line, "encoding").rstrip("\r\n")
+        if not line.strip():
+            return None
+        if not line.lstrip().startswith("{"):
+            return InputRecord(rid, line_no, "text", None, _with_system([{"role": "user", "content": line}], system),
+                               defaults, "cbgen")
+        try:
+            obj = json.loads(line)  # starts with "{", so a successful parse is a dict
+        except json.JSONDecodeError as e:
+            raise _Bad("json", f"invalid JSON: {e.msg} at column {e.colno}") from None
+        except (ValueError, RecursionError) as e:  # a 5000-digit number, nesting too deep
+            raise _Bad("json", f"invalid JSON: {e}") from None
+        key = "custom_id" if "custom_id" in obj else "id" if "id" in obj else None
+        if key is not None:
+            rid = _record_id(obj, key)  # before other checks, so errors carry the line's own id
+        if "custom_id" in obj or "body" in obj:
+            return _openai(obj, rid, line_no, defaults, system)
+        return _cbgen(obj, rid, line_no, defaults, system)
+    except _Bad as b:
+        where = "" if b.field in ("json", "encoding") else f"field '{b.field}': "
+        return InputError(rid, line_no, b.field, f"{loc}: {where}{b.what}")
+
+
+class LineParser:
+    """``parse_line`` plus state across one run's inputs.
+
+    Ids are unique in the output: a repeated id is an ``InputError`` (field
+    ``id``) whose own id is the line's default id, made unique if needed, so it
+    never shadows the first record's id (resume is by id). Records and errors
+    whose id is in ``skip_ids`` (already in the output) are counted in
+    ``skipped`` and dropped; they still count as seen for duplicates.
+    """
+
+    def __init__(self, defaults: SamplingParams, *, system: str | None = None,
+                 skip_ids: Collection[str] = ()) -> None:
+        self.defaults, self.system, self.skip_ids = defaults, system, skip_ids
+        self.seen: dict[str, str] = {}  # id -> where it was first seen
+        self.skipped = 0
+
+    def __call__(self, line: str, line_no: int, source: str | None = None) -> InputRecord | InputError | None:
+        r = parse_line(line, line_no, self.defaults, system=self.system, source=source)
+        if r is None:
+            return None
+        loc = f"line {line_no}" if source is None else f"{source} line {line_no}"
+        if r.id in self.seen:
+            rid = base = str(line_no) if source is None else f"{source}:{line_no}"
+            k = 1
+            while rid in self.seen:
+                k += 1
+                rid = f"{base}#{k}"
+            r = InputError(rid, line_no, "id", f"{loc}: field 'id': duplicate id {_show(r.id)} "
+                                               f"(first on {self.seen[r.id]})")
+        self.seen[r.id] = loc
+        if r.id in self.skip_ids:
+            self.skipped += 1
+            return None
+        return r

@@ -1,0 +1,228 @@
+"""`cbgen run` through Typer's CliRunner and real subprocesses, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cbgen.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+CBGEN = [sys.executable, "-m", "cbgen.cli"]
+
+
+@pytest.fixture(scope="module")
+def base_args(tiny_model_dir):
+    return ["--model", str(tiny_model_dir), "--dtype", "float32", "-q"]
+
+
+def _records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _run(args, input=None):
+    # CliRunner keeps stderr apart so we can check nothing but records reach stdout.
+    return CliRunner().invoke(app, ["run", *args], input=input, catch_exceptions=False)
+
+
+def _write(tmp_path, name, lines):
+    p = tmp_path / name
+    p.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(p)
+
+
+def test_every_input_format(tmp_path, base_args):
+    src = _write(tmp_path, "mixed.jsonl", [
+        "Tell me a story about a fox",
+        json.dumps({"id": "p1", "prompt": "Once upon a time", "max_new_tokens": 5}),
+        json.dumps({"id": "m1", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.8, "seed": 3}),
+        json.dumps({"custom_id": "o1", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "x", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}}),
+    ])
+    r = _run([src, "--max-new-tokens", "6", *base_args])
+    assert r.exit_code == 0, r.stderr
+    recs = {rec["id"]: rec for rec in _records(r.stdout)}
+    assert set(recs) == {"1", "p1", "m1", "o1"}
+    assert recs["p1"]["usage"]["completion_tokens"] <= 5
+    assert recs["o1"]["usage"]["completion_tokens"] <= 4
+    assert recs["m1"]["params"]["temperature"] == 0.8 and recs["m1"]["params"]["seed"] == 3
+    assert recs["1"]["params"]["max_new_tokens"] == 6
+    for rec in recs.values():
+        assert rec["finish_reason"] in ("stop", "length") and rec["error"] is None
+        assert set(rec["timings"]) >= {"queue_s", "ttft_s", "total_s", "tokens_per_s"}
+        assert rec["usage"]["prompt_tokens"] > 0
+
+
+def test_shipped_example_files_run(base_args):
+    for name in ("chat.jsonl", "plain.txt", "prompts.jsonl", "openai-batch.jsonl"):
+        r = _run([str(REPO / "prompts" / name), "--max-new-tokens", "4", *base_args])
+        assert r.exit_code == 0, (name, r.stderr)
+        assert _records(r.stdout), name
+
+
+def test_openai_output_format(tmp_path, base_args):
+    src = _write(tmp_path, "b.jsonl", [json.dumps({
+        "custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}})])
+    r = _run([src, "--format", "openai", *base_args])
+    assert r.exit_code == 0, r.stderr
+    (rec,) = _records(r.stdout)
+    assert rec["custom_id"] == "req-1" and rec["error"] is None
+    body = rec["response"]["body"]
+    assert rec["response"]["status_code"] == 200
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["completion_tokens"] <= 3
+
+
+def test_text_mode_prints_only_text(tmp_path, base_args):
+    src = _write(tmp_path, "t.txt", ["hello there"])
+    r = _run([src, "--text", "--max-new-tokens", "3", *base_args])
+    assert r.exit_code == 0
+    assert not r.stdout.lstrip().startswith("{")
+
+
+def test_bad_input_becomes_error_records_and_others_complete(tmp_path, base_args):
+    long_prompt = "word " * 3000  # > the tiny model's 2048-token context
+    src = _write(tmp_path, "bad.jsonl", [
+        json.dumps({"id": "good1", "prompt": "hello", "max_new_tokens": 3}),
+        '{"id": "broken", "prompt": "unterminated',                        # malformed JSON
+        json.dumps({"id": "noprompt", "temperature": 0.5}),                 # missing prompt
+        json.dumps({"id": "wrongtype", "prompt": 42}),                      # wrong type
+        json.dumps({"id": "toolong", "prompt": long_prompt}),               # longer than the context
+        json.dumps({"id": "badparam", "prompt": "x", "temperature": -1}),   # invalid parameter
+        json.dumps({"id": "good2", "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 3}),
+    ])
+    r = _run([src, *base_args])
+    assert r.exit_code == 1  # some lines failed
+    recs = {rec["id"]: rec for rec in _records(r.stdout)}
+    assert len(recs) == 7
+    for rid in ("good1", "good2"):
+        assert recs[rid]["finish_reason"] in ("stop", "length")
+    errors = {rid: recs[rid]["error"] for rid in recs if recs[rid]["finish_reason"] == "error"}
+    assert set(errors) == {"2", "noprompt", "wrongtype", "toolong", "badparam"}
+    assert "line 2" in errors["2"] and "JSON" in errors["2"]
+    assert "line 3" in errors["noprompt"] and "prompt" in errors["noprompt"]
+    assert "line 4" in errors["wrongtype"] and "'prompt'" in errors["wrongtype"]
+    assert "line 5" in errors["toolong"] and "context length" in errors["toolong"]
+    assert "line 6" in errors["badparam"] and "temperature" in errors["badparam"]
+    # One warning line per bad input on stderr.
+    assert r.stderr.count("warning:") == 5
+
+
+def test_order_input_vs_finish(tmp_path, base_args):
+    # The first input generates far more tokens than the others, so it finishes last.
+    lines = [json.dumps({"id": "slow", "prompt": "a", "max_new_tokens": 120, "ignore_eos": True})]
+    lines += [json.dumps({"id": f"fast{i}", "prompt": "b", "max_new_tokens": 2, "ignore_eos": True}) for i in range(4)]
+    src = _write(tmp_path, "o.jsonl", lines)
+    by_input = [rec["id"] for rec in _records(_run([src, "--order", "input", *base_args]).stdout)]
+    by_finish = [rec["id"] for rec in _records(_run([src, "--order", "finish", *base_args]).stdout)]
+    assert by_input == ["slow", "fast0", "fast1", "fast2", "fast3"]
+    assert by_finish[-1] == "slow" and sorted(by_finish) == sorted(by_input)
+
+
+def test_validate_reports_without_generating(tmp_path, base_args):
+    src = _write(tmp_path, "v.jsonl", ['{"prompt": "ok"}', '{"prompt": 1}'])
+    r = _run([src, "--validate", *base_args])
+    assert r.exit_code == 1
+    assert r.stdout == ""
+    assert "1 valid, 1 invalid" in r.stderr and "line 2" in r.stderr
+
+
+def test_missing_input_file_is_one_line_error(base_args):
+    r = _run(["/nonexistent/x.jsonl", *base_args])
+    assert r.exit_code == 2
+    assert "no such file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- real processes ---------------------------------------------------------
+
+def _popen(args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([*CBGEN, "run", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=REPO, **kw)
+
+
+def test_stdin_lines_join_a_batch_that_is_already_decoding(base_args):
+    p = _popen(["-", *base_args])
+    slow = {"id": "slow", "prompt": "a", "max_new_tokens": 1500, "ignore_eos": True}
+    p.stdin.write((json.dumps(slow) + "\n").encode())
+    p.stdin.flush()
+    time.sleep(2.0)  # the slow request is decoding by now (model load included)
+    for i in range(3):
+        p.stdin.write((json.dumps({"id": f"late{i}", "prompt": "b", "max_new_tokens": 3}) + "\n").encode())
+        p.stdin.flush()
+        time.sleep(0.2)
+    # The late lines finish while stdin is still open and the slow one still runs.
+    first = [json.loads(p.stdout.readline()) for _ in range(3)]
+    assert p.poll() is None
+    assert [r["id"] for r in first] == ["late0", "late1", "late2"]
+    p.stdin.close()
+    rest = _records(p.stdout.read().decode())
+    p.wait(timeout=120)
+    assert [r["id"] for r in rest] == ["slow"]
+    assert rest[0]["usage"]["completion_tokens"] == 1500
+    # Late lines were admitted at once, not after the slow one: short queue time.
+    assert all(r["timings"]["queue_s"] < 1.0 for r in first)
+
+
+def test_resume_after_sigkill_has_one_record_per_id(tmp_path, base_args):
+    ids = [f"r{i}" for i in range(40)]
+    src = _write(tmp_path, "in.jsonl", [json.dumps({"id": i, "prompt": "count", "max_new_tokens": 40,
+                                                    "ignore_eos": True}) for i in ids])
+    out = tmp_path / "out.jsonl"
+    p = _popen([src, "-o", str(out), "--max-num-seqs", "4", *base_args])
+    deadline = time.time() + 60
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    partial = out.read_text()
+    assert 5 <= partial.count("\n") < 40, "killed mid-run"
+    with open(out, "a") as f:  # what a write cut by the kill looks like
+        f.write('{"id": "r39", "line": 40, "te')
+    r = subprocess.run([*CBGEN, "run", src, "-o", str(out), "--resume", *base_args], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    recs = _records(out.read_text())
+    got = [rec["id"] for rec in recs]
+    assert sorted(got) == sorted(ids) and len(got) == len(set(got))
+
+
+def test_closed_stdout_ends_quietly(tmp_path, base_args):
+    src = _write(tmp_path, "h.jsonl", [json.dumps({"prompt": "x", "max_new_tokens": 30}) for _ in range(30)])
+    cmd = f"{sys.executable} -m cbgen.cli run {src} {' '.join(base_args)} --max-num-seqs 2 | head -1"
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert len(r.stdout.splitlines()) == 1
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_first_ctrl_c_finishes_running_second_aborts(tmp_path, base_args):
+    lines = [json.dumps({"id": "quick", "prompt": "x", "max_new_tokens": 1})]
+    lines += [json.dumps({"id": f"c{i}", "prompt": "x", "max_new_tokens": 3000, "ignore_eos": True})
+              for i in range(6)]
+    src = _write(tmp_path, "c.jsonl", lines)
+    p = _popen([src, "--max-num-seqs", "3", "--order", "finish", *base_args[:-1]])  # not quiet: we read stderr
+    first = json.loads(p.stdout.readline())   # generation is under way
+    assert first["id"] == "quick"
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    recs = _records(out.decode())
+    err = err.decode()
+    assert "stopping" in err and "aborting" in err, err
+    assert "Traceback" not in err
+    # The running ones are written with their partial text; the queued ones, never
+    # started, get no record (so --resume does them) and stderr says so.
+    assert [r["finish_reason"] for r in recs] == ["abort"] * 3
+    assert all(0 < r["usage"]["completion_tokens"] < 3000 for r in recs)
+    assert "3 inputs never started" in err

@@ -1,0 +1,172 @@
+"""Input parsing: every format, every bad-input class, overrides, aliases, duplicate ids."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cbgen.config import SamplingParams
+from cbgen.io.reader import read_records
+from cbgen.io.records import InputError, InputRecord, LineParser, parse_line
+
+D = SamplingParams(max_new_tokens=100, temperature=0.5, seed=3)
+PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
+
+
+def p(obj, line_no=7, **kw):
+    line = obj if isinstance(obj, str) else json.dumps(obj)
+    return parse_line(line, line_no, D, **kw)
+
+
+def test_plain_text_is_a_user_turn_and_keeps_the_line():
+    r = p("  Hello, {name}!  \r\n", 3)
+    assert isinstance(r, InputRecord) and r.kind == "text" and r.id == "3" and r.line_no == 3
+    assert r.messages == [{"role": "user", "content": "  Hello, {name}!  "}] and r.prompt is None
+    assert r.params is D and r.raw_format == "cbgen"
+
+
+@pytest.mark.parametrize("line", ["", "\n", "   \t\r\n"])
+def test_blank_lines_are_skipped(line):
+    assert parse_line(line, 1, D) is None
+
+
+def test_prompt_and_messages_formats():
+    r = p({"prompt": "Once", "id": "a", "metadata": {"k": 1}, "answer": "x"})
+    assert (r.kind, r.id, r.prompt, r.messages, r.extra) == ("prompt", "a", "Once", None, {"metadata": {"k": 1}})
+    r = p({"id": 5, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                                 {"role": "developer", "content": [{"type": "text", "text": "a"},
+                                                                   {"type": "text", "text": "b"}]}]})
+    assert r.id == "5" and r.kind == "messages" and r.is_chat
+    assert r.messages[2] == {"role": "system", "content": "ab"}
+
+
+def test_system_prepended_only_to_chats_without_one():
+    r = p("hi", system="Be brief.")
+    assert r.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    r = p({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]}, system="X")
+    assert r.messages[0]["content"] == "S" and len(r.messages) == 2
+    assert p({"prompt": "raw"}, system="X").prompt == "raw"
+
+
+def test_openai_chat_and_completions_envelopes():
+    r = p({"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions",
+           "body": {"model": "m", "messages": [{"role": "user", "content": "q"}], "max_tokens": 9,
+                    "temperature": 0, "top_p": 0.9, "stop": "END", "seed": None, "n": 2,
+                    "presence_penalty": 0.5, "frequency_penalty": -0.5, "logprobs": True, "user": "u1"}})
+    assert (r.kind, r.raw_format, r.id) == ("openai", "openai", "c1")
+    assert r.extra == {"url": "/v1/chat/completions", "method": "POST", "model": "m"}
+    pr = r.params
+    assert (pr.max_new_tokens, pr.temperature, pr.top_p, pr.stop, pr.seed, pr.n) == (9, 0, 0.9, ("END",), 3, 2)
+    assert (pr.presence_penalty, pr.frequency_penalty, pr.logprobs) == (0.5, -0.5, True)
+    r = p({"custom_id": "c2", "url": "/v1/completions", "method": "POST",
+           "body": {"prompt": "The", "max_completion_tokens": 4}})
+    assert r.prompt == "The" and r.messages is None and r.params.max_new_tokens == 4
+
+
+def test_per_line_overrides_and_aliases():
+    r = p({"prompt": "x", "max_tokens": 12, "stop": ["a", "b"], "top_k": 5, "seed": None})
+    assert (r.params.max_new_tokens, r.params.stop, r.params.top_k) == (12, ("a", "b"), 5)
+    assert r.params.temperature == 0.5 and r.params.seed == 3  # untouched defaults; null = default
+    assert p({"prompt": "x", "max_new_tokens": 8, "max_tokens": 8}).params.max_new_tokens == 8
+
+
+@pytest.mark.parametrize("obj, field, expect", [
+    ('{"prompt": "x",}', "json", "line 7: invalid JSON: "),
+    ("{not json", "json", "line 7: invalid JSON"),
+    ('{"a": ' + "[" * 100_000, "json", "line 7: invalid JSON"),
+    ('{"prompt": "x", "seed": ' + "9" * 5000 + "}", "json", "line 7: invalid JSON"),
+    ({"temperature": 0.3}, "prompt", "line 7: field 'prompt': missing"),
+    ({"prompt": 5}, "prompt", "line 7: field 'prompt': expected a string, got 5"),
+    ({"prompt": "x", "messages": []}, "messages", "not both"),
+    ({"messages": []}, "messages", "expected a non-empty list"),
+    ({"messages": "hi"}, "messages", "got \"hi\""),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": 3}]},
+     "messages[1].content", "line 7: field 'messages[1].content': expected a string or a list of text parts, got 3"),
+    ({"messages": [{"role": "bot", "content": "a"}]}, "messages[0].role", "expected one of system, user, assistant"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content", "missing"),
+    ({"messages": ["hi"]}, "messages[0]", "expected an object"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]", "text part"),
+    ({"prompt": "x", "temperature": -1}, "temperature",
+     "line 7: field 'temperature': expected a number in [0, 100] (0 = greedy), got -1"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature", "got \"hot\""),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens", "field 'max_tokens': expected an integer >= 1, got 0"),
+    ({"prompt": "x", "max_tokens": 5, "max_new_tokens": 6}, "max_new_tokens", "conflicts with 'max_tokens'"),
+    ({"prompt": "x", "max_new_tokens": 5, "min_new_tokens": 9}, "min_new_tokens", "max_new_tokens=5"),
+    ({"prompt": "x", "stop": 5}, "stop", "expected a string or a list of strings, got 5"),
+    ({"prompt": "x", "stop": ["a", 1]}, "stop", "at most 16 non-empty strings"),
+    ({"prompt": "x", "stop_token_ids": 2}, "stop_token_ids", "expected a list of token ids"),
+    ({"prompt": "x", "n": True}, "n", "got true"),
+    ({"prompt": "x", "temprature": 0.1}, "temprature", "unknown field (did you mean 'temperature'?)"),
+    ({"prompt": "x", "id": [1]}, "id", "field 'id': expected a non-empty string or an integer"),
+    ({"prompt": "x", "id": ""}, "id", "expected a non-empty string"),
+    ({"prompt": "\ud800"}, "prompt", "invalid UTF-8"),
+    ({"custom_id": "c", "body": {"messages": [{"role": "user", "content": "q"}], "temperature": -2}},
+     "body.temperature", "line 7: field 'body.temperature': expected a number in [0, 100]"),
+    ({"custom_id": "c", "url": "/v1/embeddings", "body": {}}, "url", "expected one of /v1/chat/completions"),
+    ({"custom_id": "c", "method": "GET", "body": {}}, "method", "expected \"POST\""),
+    ({"custom_id": "c", "body": "x"}, "body", "expected an object"),
+    ({"custom_id": "c", "body": {"prompt": "p"}}, "body.messages", "missing"),
+    ({"custom_id": "c", "url": "/v1/completions", "body": {"prompt": ["a", "b"]}}, "body.prompt", "expected a string"),
+    ({"body": {"messages": []}}, "custom_id", "missing"),
+])
+def test_bad_input_is_an_error_naming_line_and_field(obj, field, expect):
+    r = p(obj)
+    assert isinstance(r, InputError), r
+    assert r.field == field and r.line_no == 7 and expect in r.message and r.message.startswith("line 7: ")
+    assert "\n" not in r.message and str(r) == r.message
+
+
+def test_error_keeps_the_lines_id_when_it_has_one():
+    assert p({"id": "q1", "prompt": "x", "top_p": 0}).id == "q1"
+    assert p({"custom_id": "c9", "body": 1}).id == "c9"
+    assert p("{bad").id == "7"
+
+
+def test_invalid_utf8_is_an_error_on_that_line():
+    text = b"ok \xff\xfe bytes".decode("utf-8", "surrogateescape")
+    r = parse_line(text, 2, D)
+    assert isinstance(r, InputError) and r.field == "encoding"
+    assert r.message == "line 2: invalid UTF-8 at character 4"
+
+
+def test_source_prefixes_default_ids_and_messages():
+    r = parse_line("hi", 4, D, source="a.txt")
+    assert r.id == "a.txt:4"
+    assert parse_line("{", 4, D, source="a.txt").message.startswith("a.txt line 4: invalid JSON")
+
+
+def test_duplicate_ids_later_one_is_an_error_with_a_unique_id():
+    lp = LineParser(D)
+    a = lp('{"id": "x", "prompt": "1"}', 1)
+    b = lp('{"id": "x", "prompt": "2"}', 2)
+    c = lp('{"id": "2", "prompt": "3"}', 3)   # takes the id the error on line 2 got
+    d = lp('{"id": "x", "prompt": "4"}', 4)
+    assert isinstance(a, InputRecord)
+    assert isinstance(b, InputError) and b.field == "id" and b.id == "2"
+    assert b.message == "line 2: field 'id': duplicate id \"x\" (first on line 1)"
+    assert isinstance(c, InputError) and c.id == "3"
+    assert isinstance(d, InputError) and d.id == "4"
+    assert len({r.id for r in (a, b, c, d)}) == 4
+
+
+def test_line_parser_skips_resumed_ids_but_still_sees_them():
+    lp = LineParser(D, skip_ids={"x", "3"})
+    assert lp('{"id": "x", "prompt": "1"}', 1) is None
+    assert lp("hi", 2).id == "2"
+    assert lp('{"id": "x", "prompt": "again"}', 3) is None  # duplicate error, already written as "3"
+    assert lp.skipped == 2
+
+
+@pytest.mark.parametrize("name, n, kinds", [
+    ("chat.jsonl", 6, {"messages"}), ("plain.txt", 4, {"text"}),
+    ("prompts.jsonl", 4, {"prompt"}), ("openai-batch.jsonl", 3, {"openai"}),
+])
+def test_example_prompt_files_parse(name, n, kinds):
+    recs = list(read_records([str(PROMPTS / name)], LineParser(SamplingParams())))
+    assert len(recs) == n and all(isinstance(r, InputRecord) for r in recs), recs
+    assert {r.kind for r in recs} == kinds and len({r.id for r in recs}) == n
+    if name == "chat.jsonl":
+        assert all(32 <= r.params.max_new_tokens <= 96 for r in recs)
+        assert len({r.params.max_new_tokens for r in recs}) > 3
+    if name == "prompts.jsonl":
+        assert any(r.params.temperature > 0 and r.params.seed is not None for r in recs)
