@@ -39,6 +39,8 @@ class SchedulerOutput:
     # Decodes (1 token) first, then prefill chunks: the runner batches decodes together.
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # Finished while scheduling: a lone sequence that outgrew the whole KV pool.
+    finished: list[Request] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -108,6 +110,12 @@ class Scheduler:
             req = self.running[i]
             n = self._chunk(req, budget)
             while not self.bm.grow(req, n):
+                if req is self.running[-1] and len(self.running) == 1:
+                    # Alone and still out of blocks: it can never grow; end it instead of
+                    # preempting it forever.
+                    self.finish(req, FinishReason.LENGTH)
+                    out.finished.append(req)
+                    break
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
