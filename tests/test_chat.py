@@ -1,0 +1,319 @@
+"""`cbgen chat`: ChatSession logic on the tiny model, and the real prompt-toolkit app
+driven through a pipe input (``create_pipe_input`` + ``DummyOutput``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import time
+
+import pytest
+from prompt_toolkit.application import create_app_session
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+from typer.testing import CliRunner
+
+from cbgen.cli import app as cli_app
+from cbgen.config import EngineConfig, SamplingParams
+from cbgen.engine.engine import Engine
+from cbgen.frontends.chat import ChatApp
+from cbgen.frontends.chat_session import ChatSession
+from cbgen.frontends.chat_view import live_view
+from cbgen.frontends.driver import Driver
+from cbgen.frontends.prompting import encode
+
+# ignore_eos: the tiny model is random, so only max_new_tokens ends an answer predictably.
+FIXED = SamplingParams(max_new_tokens=24, ignore_eos=True)
+
+
+class Watched(Engine):
+    """Records the most sequences the engine ever had running after a step."""
+    max_running = 0
+
+    def step(self):
+        out = super().step()
+        self.max_running = max(self.max_running, len(self.scheduler.running))
+        return out
+
+
+@pytest.fixture
+def engine(tiny_loaded):
+    cfg = EngineConfig(max_num_seqs=8, max_num_batched_tokens=256, num_kv_blocks=256)
+    return Watched(tiny_loaded.model, tiny_loaded.tokenizer, cfg, max_model_len=tiny_loaded.max_model_len,
+                   eos_token_ids=(tiny_loaded.tokenizer.eos_token_id,))
+
+
+@pytest.fixture
+def chat(engine, tiny_loaded):
+    """A started session; ``chat.echoed`` collects what it printed above the prompt (plain text)."""
+    with Driver(engine) as driver:
+        s = ChatSession(driver, tiny_loaded.tokenizer, FIXED, model_name="tiny")
+        s.echoed = []
+        s.echo = lambda frags: s.echoed.append("".join(t for _, t in frags))
+        yield s
+        s.close()
+
+
+def pump(s: ChatSession, until, timeout: float = 120.0) -> None:
+    """Feed Driver events to the session (as the app's pump does) until ``until()``."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "timed out waiting for the engine"
+        try:
+            s.on_event(s.driver.events.get(timeout=0.05))
+        except queue.Empty:
+            pass
+        s.tick()
+
+
+def all_done(s: ChatSession):
+    return lambda: not s.running()
+
+
+# ---- ChatSession -------------------------------------------------------------------
+def test_three_prompts_run_in_one_batch(chat, engine):
+    for p in ("one", "two", "three"):
+        assert chat.handle(p) == ""
+    pump(chat, all_done(chat))
+    outs = [chat.seqs[n].output for n in (1, 2, 3)]
+    assert all(o.finish_reason.value == "length" and len(o.token_ids) == 24 for o in outs)
+    assert engine.max_running >= 3
+    # Every one started before any finished: they shared the batch.
+    assert max(o.metrics.first_scheduled_time for o in outs) < min(o.metrics.finished_time for o in outs)
+    assert sorted(e.split(" · ")[0] for e in chat.echoed) == ["── #1", "── #2", "── #3"]
+
+
+def test_live_view_has_one_line_per_running_sequence(chat):
+    chat.defaults = FIXED.replace(max_new_tokens=1500)
+    for p in ("one", "two", "three"):
+        chat.handle(p)
+    pump(chat, lambda: all(chat.seqs[n].num_tokens >= 3 for n in (1, 2, 3)))
+    warm = time.monotonic() + 0.25
+    pump(chat, lambda: time.monotonic() > warm)   # past the per-sequence tok/s warm-up
+    lines = "".join(t for _, t in live_view(chat, 100, 40)).split("\n")
+    assert lines[0].startswith("3 running · ") and len(lines) == 4
+    for n, line in zip((1, 2, 3), lines[1:]):
+        assert line.startswith(f"#{n:<4}decode") and "/1500" in line and len(line) <= 99
+        assert line.split()[3].replace(".", "").isdigit()                  # tok/s
+        assert " ".join(chat.seqs[n].text.split())[-10:] in line           # the latest words
+    chat.handle("/cancel 3")
+    assert "cancelling" in "".join(t for _, t in live_view(chat, 100, 40)).split("\n")[3]
+    chat.handle("/cancel all")
+    pump(chat, all_done(chat))
+    assert "".join(t for _, t in live_view(chat, 100, 40)).startswith("idle")
+
+
+def test_cancel_2_stops_only_2(chat):
+    chat.defaults = FIXED.replace(max_new_tokens=80)
+    for p in ("one", "two", "three"):
+        chat.handle(p)
+    pump(chat, lambda: chat.seqs[2].num_tokens >= 2)
+    assert chat.handle("/cancel 2") == "cancelling #2"
+    pump(chat, all_done(chat))
+    reasons = {n: chat.seqs[n].finish_reason for n in (1, 2, 3)}
+    assert reasons == {1: "length", 2: "abort", 3: "length"}
+    assert 2 <= chat.seqs[2].num_tokens < 80 and chat.seqs[2].text  # its partial answer is kept
+    assert chat.handle("/cancel 2") == "#2 is not running (done)"
+    assert chat.handle("/cancel 9").startswith("no sequence 9")
+
+
+def test_set_validates_through_sampling_params(chat):
+    assert chat.handle("/set temperature -1") == \
+        "temperature=-1.0 is invalid: expected a number in [0, 100] (0 = greedy)"
+    assert chat.defaults.temperature == 0.0
+    assert chat.handle("/set temperature abc") == "temperature: 'abc' is not a number"
+    assert chat.handle("/set temprature 1") == "unknown setting 'temprature' (did you mean 'temperature'?); " \
+                                               "/set lists them"
+    assert chat.handle("/set n 2").startswith("n cannot be set")
+    assert chat.handle("/set temperature 0.5") == "temperature=0.5 for new prompts"
+    assert chat.handle("/set max_tokens 7") == "max_new_tokens=7 for new prompts"
+    assert chat.handle('/set stop "a b" c') == "stop=['a b', 'c'] for new prompts"
+    assert chat.handle("/set seed none") == "seed=None for new prompts"
+    assert chat.handle("/set ignore_eos maybe") == "ignore_eos: 'maybe' is not true or false"
+    assert chat.defaults == FIXED.replace(temperature=0.5, max_new_tokens=7, stop=("a b", "c"))
+    chat.handle("hi")
+    assert chat.seqs[1].params.temperature == 0.5   # new prompts take the new defaults
+
+
+def test_save_writes_run_records(chat, tmp_path, tiny_model_dir):
+    chat.defaults = FIXED.replace(max_new_tokens=5)
+    for p in ("one", "two", "three"):
+        chat.handle(p)
+    pump(chat, all_done(chat))
+    path = tmp_path / "session.jsonl"
+    assert chat.handle(f"/save {path}") == f"saved 3 records to {path}"
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["id"] for r in recs] == ["1", "2", "3"]
+    assert [r["text"] for r in recs] == [chat.seqs[n].text for n in (1, 2, 3)]
+    assert all(r["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 5 for r in recs)
+    # Exactly the keys of a `cbgen run` record.
+    src = tmp_path / "in.txt"
+    src.write_text("hello\n")
+    run = CliRunner().invoke(cli_app, ["run", str(src), "-n", "3", "-q", "--model", str(tiny_model_dir)])
+    assert run.exit_code == 0, run.stderr
+    assert all(set(r) == set(json.loads(run.stdout)) for r in recs)
+    assert chat.handle("/save /nonexistent-dir/x.jsonl").startswith("cannot save to /nonexistent-dir/x.jsonl")
+
+
+def test_show_and_list(chat):
+    chat.defaults = FIXED.replace(max_new_tokens=6)
+    chat.handle("tell me about the fox")
+    chat.handle("and the dog")
+    pump(chat, all_done(chat))
+    shown = chat.handle("/show 1")
+    assert shown.startswith("#1 · done length · 6/6 tokens\n> tell me about the fox\n")
+    assert shown.endswith(chat.seqs[1].text)
+    assert chat.handle("/show #2").startswith("#2 · done length")
+    assert chat.handle("/show 3") == "no sequence 3: expected one of #1..#2"
+    rows = chat.handle("/list").splitlines()
+    assert len(rows) == 2 and rows[0].startswith("#1   done length") and "tell me about the fox" in rows[0]
+
+
+def test_thread_builds_a_multi_turn_prompt(chat):
+    chat.defaults = FIXED.replace(max_new_tokens=4)
+    chat.handle("/system Be brief.")
+    chat.handle("first question")
+    assert chat.handle("/thread 1").startswith("thread #1: next prompts continue its conversation (they start")
+    assert chat.handle("second question") == "#2 will start when #1 finishes"   # #1 still answering
+    assert chat.seqs[2].state == "held"
+    pump(chat, all_done(chat))
+    one, two = chat.seqs[1], chat.seqs[2]
+    assert two.messages == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": one.text}, {"role": "user", "content": "second question"}]
+    assert two.output.metrics.num_prompt_tokens == len(encode(chat.tokenizer, messages=two.messages))
+    chat.handle("third")                      # the thread follows its newest turn
+    assert chat.seqs[3].parent == 2 and len(chat.seqs[3].messages) == 6
+    assert chat.handle("/thread off").startswith("thread off")
+    chat.handle("fresh")
+    assert chat.seqs[4].parent is None and len(chat.seqs[4].messages) == 2
+    pump(chat, all_done(chat))
+
+
+def test_interrupt_cancels_the_focus_and_quit_asks_first(chat):
+    chat.defaults = FIXED.replace(max_new_tokens=200)
+    chat.handle("a")
+    chat.handle("b")
+    assert chat.interrupt() == "cancelling #2"          # the most recent running one
+    assert chat.handle("/quit").startswith("1 sequence still running")
+    assert not chat.exit_requested
+    chat.handle("/list")                                # anything in between disarms the confirmation
+    assert chat.handle("/quit").startswith("1 sequence still running")
+    assert chat.handle("/quit") == "" and chat.exit_requested
+    pump(chat, lambda: chat.seqs[2].state == "done")
+    assert chat.seqs[2].finish_reason == "abort"
+
+
+def test_unknown_commands_and_escaped_slash(chat):
+    assert chat.handle("/lsit") == "unknown command /lsit (did you mean /list?); /help lists them"
+    assert "/thread N" in chat.handle("/help")
+    chat.defaults = FIXED.replace(max_new_tokens=2)
+    chat.handle("//etc/passwd is a path")
+    assert chat.seqs[1].prompt == "/etc/passwd is a path"
+    pump(chat, all_done(chat))
+    assert "KV cache" in chat.handle("/stats")
+
+
+# ---- the real prompt-toolkit app ------------------------------------------------------
+def drive(chat: ChatSession, script, timeout: float = 120.0) -> tuple[int, list[str]]:
+    """Run ChatApp on a pipe input; ``script(inp, wait, app, printed)`` types keys while it
+    runs. Returns (exit code, what was printed above the prompt). A hang fails the test."""
+    printed: list[str] = []
+
+    async def main() -> int:
+        with create_pipe_input() as inp, create_app_session(input=inp, output=DummyOutput()):
+            app = ChatApp(chat, printer=lambda frags: printed.append("".join(t for _, t in frags)),
+                          refresh_interval=0.05)
+            task = asyncio.create_task(app.run())
+
+            async def wait(cond, limit: float = 60.0) -> None:
+                deadline = time.monotonic() + limit
+                while not cond():
+                    assert not task.done(), "the app exited early"
+                    assert time.monotonic() < deadline, "timed out"
+                    await asyncio.sleep(0.02)
+
+            await script(inp, wait, app, printed)
+            return await asyncio.wait_for(task, timeout)
+
+    return asyncio.run(asyncio.wait_for(main(), timeout)), printed
+
+
+def test_app_three_prompts_share_the_batch_and_print_answers(chat, engine):
+    async def script(inp, wait, app, printed):
+        inp.send_text("one\rtwo\rthree\r")
+        await wait(lambda: len(chat.seqs) == 3)
+        await wait(lambda: app.toolbar() and "running" in "".join(t for _, t in app.toolbar()))
+        await wait(lambda: not chat.running())
+        inp.send_text("/quit\r")
+
+    code, printed = drive(chat, script)
+    assert code == 0 and chat.exit_requested
+    assert engine.max_running >= 3
+    answers = [p for p in printed if p.startswith("── #")]
+    assert sorted(a[:5] for a in answers) == ["── #1", "── #2", "── #3"]
+    assert all(chat.seqs[n].text.rstrip() in "".join(answers) for n in (1, 2, 3))
+
+
+def test_app_ctrl_d_with_running_sequences_asks_first(chat):
+    chat.defaults = FIXED.replace(max_new_tokens=2000)
+
+    async def script(inp, wait, app, printed):
+        inp.send_text("long one\r")
+        await wait(lambda: chat.seqs.get(1) is not None and chat.seqs[1].num_tokens > 0)
+        inp.send_text("\x04")   # Ctrl-D: asks
+        await wait(lambda: any("still running" in p for p in printed))
+        assert not chat.exit_requested and chat.seqs[1].running
+        inp.send_text("\x04")   # Ctrl-D again: confirms
+
+    code, printed = drive(chat, script)
+    assert code == 0 and chat.exit_requested
+    assert any("1 sequence still running: Ctrl-D or /quit again" in p for p in printed)
+
+
+def test_app_ctrl_c_clears_the_line_then_cancels(chat):
+    chat.defaults = FIXED.replace(max_new_tokens=2000)
+
+    async def script(inp, wait, app, printed):
+        inp.send_text("running\r")
+        await wait(lambda: chat.seqs.get(1) is not None and chat.seqs[1].num_tokens > 0)
+        inp.send_text("half-typed")
+        await wait(lambda: app.prompt.default_buffer.text == "half-typed")
+        inp.send_text("\x03")   # Ctrl-C with text: clears the line only
+        await wait(lambda: app.prompt.default_buffer.text == "")
+        assert chat.seqs[1].running
+        inp.send_text("\x03")   # Ctrl-C on an empty line: cancels #1, the session goes on
+        await wait(lambda: chat.seqs[1].state == "done")
+        inp.send_text("multi\x1b\rline\r")   # Esc+Enter inserts a newline
+        await wait(lambda: 2 in chat.seqs)
+        inp.send_text("/cancel all\r/quit\r")
+
+    code, printed = drive(chat, script)
+    assert code == 0
+    assert chat.seqs[1].finish_reason == "abort" and chat.seqs[2].prompt == "multi\nline"
+    assert "cancelling #1" in printed
+
+
+def test_app_exits_1_when_the_engine_fails(chat, engine):
+    def boom():
+        raise RuntimeError("kaput")
+    engine.step = boom
+
+    async def script(inp, wait, app, printed):
+        inp.send_text("hi\r")
+
+    code, printed = drive(chat, script)
+    assert code == 1 and printed[-1] == "error: the engine failed: RuntimeError('kaput')"
+
+
+def test_app_finishes_running_sequences_when_the_input_closes(chat):
+    async def script(inp, wait, app, printed):
+        inp.send_text("hello\rworld\r")
+        await wait(lambda: len(chat.seqs) == 2)
+        inp.close()   # like `printf ... | cbgen chat` reaching EOF
+
+    code, printed = drive(chat, script)
+    assert code == 0
+    assert [chat.seqs[n].finish_reason for n in (1, 2)] == ["length", "length"]
+    assert sum(p.startswith("── #") for p in printed) == 2
