@@ -147,12 +147,14 @@ def test_save_writes_run_records(chat, tmp_path, tiny_model_dir):
     assert [r["id"] for r in recs] == ["1", "2", "3"]
     assert [r["text"] for r in recs] == [chat.seqs[n].text for n in (1, 2, 3)]
     assert all(r["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 5 for r in recs)
-    # Exactly the keys of a `cbgen run` record.
+    # The prompts travel with their answers.
+    assert [r["messages"][-1]["content"] for r in recs] == ["one", "two", "three"]
+    # The keys of a `cbgen run` record, plus the input messages.
     src = tmp_path / "in.txt"
     src.write_text("hello\n")
     run = CliRunner().invoke(cli_app, ["run", str(src), "-n", "3", "-q", "--model", str(tiny_model_dir)])
     assert run.exit_code == 0, run.stderr
-    assert all(set(r) == set(json.loads(run.stdout)) for r in recs)
+    assert all(set(r) == set(json.loads(run.stdout)) | {"messages"} for r in recs)
     assert chat.handle("/save /nonexistent-dir/x.jsonl").startswith("cannot save to /nonexistent-dir/x.jsonl")
 
 

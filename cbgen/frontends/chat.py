@@ -15,6 +15,7 @@ only one that touches the ChatSession.
 from __future__ import annotations
 
 import asyncio
+import signal
 import queue
 from typing import Callable
 
@@ -142,6 +143,12 @@ class ChatApp:
         what runs has finished; 1 if the engine failed, else 0."""
         s = self.session
         pump = asyncio.create_task(self._pump())
+        try:
+            # Between two prompts the terminal is not in raw mode, so Ctrl-C arrives as
+            # SIGINT, not as our key binding: it must never end the session.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, lambda: None)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
+            pass
         self.notice(f"cbgen chat · {s.model_name or 'model'} · /help for commands · "
                     "Esc+Enter inserts a newline · Ctrl-D quits")
         try:

@@ -184,8 +184,10 @@ def _save(s: ChatSession, arg: str) -> str:
         with open(path, "w", encoding="utf-8") as f:
             w = JsonlWriter(f)
             for q in done:
-                w.write(result_from_outputs(q.record, [q.output], s.model_name) if q.state == "done"
-                        else error_result(q.record, q.error, s.model_name))
+                rec = (result_from_outputs(q.record, [q.output], s.model_name) if q.state == "done"
+                       else error_result(q.record, q.error, s.model_name))
+                rec.messages = q.record.messages   # the session's prompts travel with their answers
+                w.write(rec)
     except OSError as e:
         return f"cannot save to {path}: {e.strerror or e}"
     left = len(s.running())

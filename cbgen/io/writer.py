@@ -43,13 +43,15 @@ class ResultRecord:
     error: str | None = None
     logprobs: list[float] | None = None  # sample 0, when asked
     chat: bool = True                    # OpenAI object: chat.completion vs text_completion
+    messages: list[dict] | None = None   # the input, when a front-end echoes it (chat's /save)
 
     def to_dict(self) -> dict[str, Any]:
-        """The cbgen JSONL record; ``choices`` / ``logprobs`` only when present."""
+        """The cbgen JSONL record; ``choices`` / ``logprobs`` / ``messages`` only when present."""
         d = {"id": self.id, "line": self.line, "text": self.text, "finish_reason": self.finish_reason,
              "choices": self.choices, "usage": self.usage, "timings": self.timings,
-             "params": self.params, "model": self.model, "error": self.error, "logprobs": self.logprobs}
-        for optional in ("choices", "logprobs"):
+             "params": self.params, "model": self.model, "error": self.error, "logprobs": self.logprobs,
+             "messages": self.messages}
+        for optional in ("choices", "logprobs", "messages"):
             if d[optional] is None:
                 del d[optional]
         return d
