@@ -127,7 +127,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512    # tokens in one forward (prefill chunks + decodes)
     block_size: int = 16                 # tokens per KV block
     num_kv_blocks: int | None = None     # None: derived from kv_cache_gb and the model
-    kv_cache_gb: float = 2.0             # memory budget for the KV pool when num_kv_blocks is None
+    kv_cache_gb: float = 1.0             # memory budget for the KV pool when num_kv_blocks is None
     enable_prefix_caching: bool = True
     max_model_len: int | None = None     # None: the model's context length
     long_prefill_token_threshold: int = 0  # >0: cap a single prefill chunk below the budget

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTN_NAME = "cbgen_paged"
 
@@ -40,8 +41,19 @@ class PagedBatch:
     prefills: list[PrefillChunk]
 
 
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``cache[slots]`` as ``index_select`` on the flattened slots: the same values, but one
+    row memcpy per slot instead of advanced indexing's per-element copy (~10x faster on CPU)."""
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+
+
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    batch: PagedBatch = kwargs["cbgen_batch"]
+    batch: PagedBatch | None = kwargs.get("cbgen_batch")
+    if batch is None:
+        # Called outside the engine (e.g. plain `model.generate` on a model an Engine
+        # was built on): behave exactly like transformers' sdpa.
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      scaling=scaling, dropout=dropout, **kwargs)
     k_cache, v_cache = batch.kv[module.layer_idx]
     _, num_heads, T, D = query.shape
     kvh = key.shape[1]
@@ -55,8 +67,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     if nd:
         # [H, nd, D] -> [nd, kvh, group, D]: the group plays the role of query length.
         q = query[0, :, :nd].reshape(kvh, group, nd, D).permute(2, 0, 1, 3)
-        k = k_cache[batch.decode_slots].transpose(1, 2)   # [nd, kvh, L, D]
-        v = v_cache[batch.decode_slots].transpose(1, 2)
+        k = _gather(k_cache, batch.decode_slots).transpose(1, 2)   # [nd, kvh, L, D]
+        v = _gather(v_cache, batch.decode_slots).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.decode_mask, scale=scaling)
         out[:nd] = o.reshape(nd, num_heads, D)
     for c in batch.prefills:
@@ -65,8 +77,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
             k, v = key[:, :, c.start:c.end], value[:, :, c.start:c.end]
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
         else:
-            k = k_cache[c.slots].transpose(0, 1).unsqueeze(0)   # [1, kvh, L, D]
-            v = v_cache[c.slots].transpose(0, 1).unsqueeze(0)
+            k = _gather(k_cache, c.slots).transpose(0, 1).unsqueeze(0)   # [1, kvh, L, D]
+            v = _gather(v_cache, c.slots).transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=c.mask, scale=scaling, enable_gqa=True)
         out[c.start:c.end] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None

@@ -25,7 +25,11 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
-        # Insertion order = eviction order: the least recently freed block is reused first.
+        # Taken from the front. Freed blocks with no hash go to the front (nothing to keep,
+        # and their memory is warm); hashed ones to the back, so cached prefixes are evicted
+        # least recently freed first. On CPU this also keeps RSS low: the pool is allocated
+        # lazily, and a run that caches nothing reuses a few hot blocks instead of touching
+        # every page of the pool.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.prefix_queries = 0   # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0      # of those, tokens found
@@ -139,6 +143,8 @@ class BlockManager:
             assert self.ref_counts[block] >= 0
             if self.ref_counts[block] == 0:
                 self._free[block] = None
+                if self.block_hash[block] is None:
+                    self._free.move_to_end(block, last=False)
         req.block_table = []
         req.block_hashes = []
 

@@ -61,11 +61,15 @@ class Detokenizer:
         self.emitted = end
         return out
 
-    def finish_text(self) -> None:
-        """At a non-stop finish, flush what the window still holds (e.g. a dangling byte)."""
+    def finish_text(self) -> str | None:
+        """At a non-stop finish, flush what the window still holds (e.g. a dangling byte);
+        returns a stop string if the flushed text completes one (the text is cut there)."""
         tail = self._decode(self.token_ids[self.prefix_offset:])
         prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
         if len(tail) > len(prefix):
+            old_len = len(self.text)
             self.text += tail[len(prefix):]
             self.read_offset = len(self.token_ids)
             self.prefix_offset = self.read_offset
+            return self._find_stop(old_len)
+        return None
