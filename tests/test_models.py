@@ -37,8 +37,9 @@ def gguf_dir_entries(cache: Path) -> list[str]:
 
 # --- local dir -------------------------------------------------------------------------------
 
-def test_tiny_dir_loads(tiny_loaded, tiny_model_dir):
-    m = tiny_loaded
+def test_tiny_dir_loads(tiny_model_dir):
+    # A fresh load: the session-wide `tiny_loaded` may already serve an Engine (paged attention).
+    m = load_model(ModelConfig(model=str(tiny_model_dir), dtype="float32", device="cpu"))
     assert (m.source, m.path, m.name) == ("dir", tiny_model_dir.resolve(), tiny_model_dir.name)
     assert m.dtype == torch.float32 and m.dtype_reason == "requested"
     assert next(m.model.parameters()).dtype == torch.float32
