@@ -85,7 +85,7 @@ def run(
     samples: int = typer.Option(1, "--samples", help="Samples per prompt (n)."),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Sequences decoding at once."),
     max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Token budget of one step."),
-    kv_cache_gb: float = typer.Option(2.0, "--kv-cache-gb", help="Memory for the KV cache pool."),
+    kv_cache_gb: float = typer.Option(1.0, "--kv-cache-gb", help="Memory for the KV cache pool."),
     no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary on stderr."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
@@ -147,6 +147,50 @@ def chat(
     loaded = _load(model, dtype, threads)
     engine = _engine(loaded, max_num_seqs, max(256, max_num_seqs), 1.0, True)
     raise typer.Exit(run_chat(engine, loaded, defaults, system=system))
+
+
+@app.command()
+def bench(
+    prompts: str = typer.Option("../shared/bench/prompts-dev.jsonl", "--prompts",
+                                help="JSONL prompt file (relative paths from the current dir)."),
+    workloads: str = typer.Option("uniform,real,arrivals,concurrency,busy,coldstart", "--workloads",
+                                  help="Comma list of uniform, real, arrivals, concurrency, busy, coldstart."),
+    systems: str = typer.Option("hf,static,generate_batch,cbgen", "--systems",
+                                help="Comma list of hf, static, generate_batch, cbgen."),
+    out: str = typer.Option("benchmarks/out", "--out", help="Directory for bench-<timestamp>.json and .png."),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes (a smoke test, not a measurement)."),
+    hf_max_prompts: Optional[int] = typer.Option(None, "--hf-max-prompts",
+                                                 help="Cap for HF one-at-a-time, the rest extrapolated "
+                                                      "(default 8; 0 = all)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="HF static batch size (default 32)."),
+    rate: Optional[float] = typer.Option(None, "--rate", help="Poisson arrivals per second (default 2)."),
+    model: Optional[str] = ModelOpt,
+    dtype: str = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Throughput and latency: HF generate, HF static batching, generate_batch and cbgen on one prompt file."""
+    from .bench import BenchOptions, run_bench
+    from .bench.report import markdown
+    split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
+    if not os.path.isfile(prompts):
+        fail(f"--prompts {prompts!r}: no such file (the default is relative to the repo root)")
+    try:
+        kw = dict(prompts=prompts, workloads=split(workloads), systems=split(systems), out=out, model=model,
+                  dtype=dtype, threads=threads)
+        given = {"hf_max_prompts": hf_max_prompts, "batch_size": batch_size, "rate": rate}
+        kw.update({k: v for k, v in given.items() if v is not None})
+        if kw.get("hf_max_prompts") == 0:
+            kw["hf_max_prompts"] = None
+        opts = BenchOptions.quick(**kw) if quick else BenchOptions(**kw)
+    except ValueError as e:
+        fail(str(e))
+    from .models import ModelError
+    try:
+        result = run_bench(opts, status=lambda m: err.print(m, style="dim", highlight=False))
+    except (ModelError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    typer.echo(markdown(result))
+    err.print(f"wrote {result['json_path']}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console script indirection

@@ -1,0 +1,228 @@
+"""``cbgen bench``: every selected system on every selected workload, in one process.
+
+Systems run one after another, each on a freshly loaded model (cbgen and
+generate_batch both switch the model's attention implementation), each after
+a small untimed warm-up. Figures go into one result dict; ``run_bench``
+writes it as JSON (plus the concurrency plot) and returns it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..config import EngineConfig, ModelConfig
+from . import report
+from .baselines import run_generate_batch, run_hf_sequential, run_hf_static
+from .coldstart import cold_start
+from .engine_runs import busy_batch_ttft, decode_throughput, run_arrivals, run_cbgen
+from .measure import RssSampler, RunResult, cpu_pressure, load_avg, max_rss_mb
+from .workloads import DEFAULT_PROMPTS, Workload, load_prompt_ids, real, uniform
+
+SYSTEMS = ("hf", "static", "generate_batch", "cbgen")
+WORKLOADS = ("uniform", "real", "arrivals", "concurrency", "busy", "coldstart")
+CBGEN_ONLY = ("arrivals", "concurrency", "busy")
+
+Status = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    prompts: str = DEFAULT_PROMPTS
+    workloads: tuple[str, ...] = WORKLOADS
+    systems: tuple[str, ...] = SYSTEMS
+    out: str = "benchmarks/out"
+    model: str | None = None
+    dtype: str = "auto"
+    threads: int | None = None
+    uniform_n: int = 64
+    uniform_m: int = 128
+    real_n: int = 128
+    real_max_new_tokens: int = 256
+    batch_size: int = 32              # HF static batching
+    hf_max_prompts: int | None = 8    # cap for HF one-at-a-time; None = all
+    arrivals_n: int = 64
+    rate: float = 2.0                 # Poisson arrivals, requests/s
+    concurrency: tuple[int, ...] = (1, 4, 16, 32, 64)
+    decode_steps: int = 32
+    busy: int = 32
+    probes: int = 10
+    coldstart_repeats: int = 3
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 512
+    kv_cache_gb: float = 2.0
+
+    def __post_init__(self) -> None:
+        bad = [w for w in self.workloads if w not in WORKLOADS]
+        if bad:
+            raise ValueError(f"workloads: unknown {bad}; known: {', '.join(WORKLOADS)}")
+        bad = [s for s in self.systems if s not in SYSTEMS]
+        if bad:
+            raise ValueError(f"systems: unknown {bad}; known: {', '.join(SYSTEMS)}")
+        if max(self.concurrency) > self.max_num_seqs or self.busy + 1 > self.max_num_seqs:
+            raise ValueError(f"concurrency {max(self.concurrency)} / busy {self.busy}+1 exceed "
+                             f"max_num_seqs={self.max_num_seqs}")
+
+    @classmethod
+    def quick(cls, **overrides) -> "BenchOptions":
+        """Small sizes for smoke tests (seconds, not minutes)."""
+        base = dict(uniform_n=8, uniform_m=16, real_n=8, real_max_new_tokens=32, batch_size=4, hf_max_prompts=2,
+                    arrivals_n=8, rate=8.0, concurrency=(1, 4, 8), decode_steps=4, busy=4, probes=3,
+                    coldstart_repeats=1)
+        base.update(overrides)
+        return cls(**base)
+
+
+def _timed(fn, *args) -> RunResult:
+    la, cpu = load_avg(), time.process_time()
+    with RssSampler() as rss:
+        res = fn(*args)
+    res.peak_rss_mb, res.start_rss_mb = rss.peak_mb, rss.start_mb
+    res.load_avg = (la, load_avg())
+    res.cpu_s = time.process_time() - cpu
+    return res
+
+
+def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None,
+              write: bool = True) -> dict:
+    """Run the benchmark; returns the result dict (and writes JSON + PNG under ``opts.out``).
+
+    ``load`` is a zero-argument factory returning a fresh ``LoadedModel``
+    (default: ``load_model`` of ``opts.model`` / ``opts.dtype`` / ``opts.threads``).
+    """
+    import torch
+    import transformers
+
+    from ..engine.engine import Engine
+    from ..models import load_model
+
+    if load is None:
+        def load():
+            return load_model(ModelConfig(model=opts.model, dtype=opts.dtype, threads=opts.threads))
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    loaded = load()
+    tok = loaded.tokenizer
+    need = max(opts.uniform_n, opts.real_n, opts.arrivals_n, opts.busy + opts.probes, max(opts.concurrency))
+    prompts = load_prompt_ids(opts.prompts, tok, limit=need)
+    wls = {"uniform": uniform(prompts, opts.uniform_n, opts.uniform_m),
+           "real": real(prompts, opts.real_n, opts.real_max_new_tokens)}
+    offline = [w for w in ("uniform", "real") if w in opts.workloads]
+    result: dict = {
+        "timestamp": stamp,
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(opts).items()},
+        "env": {"model": loaded.name, "dtype": str(loaded.dtype).removeprefix("torch."),
+                "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "load_avg_start": load_avg(),
+                "cpu_pressure_avg60_start": cpu_pressure(), "cpu_count": os.cpu_count(),
+                "prompt_file": str(opts.prompts), "prompts_loaded": len(prompts)},
+        "workloads": {},
+    }
+    if result["env"]["load_avg_start"] > 0.5:
+        status(f"warning: load average {result['env']['load_avg_start']} before the bench started: other "
+               "processes are using the CPU and the figures will be noisy (with all cores in use by torch, "
+               "a busy neighbour stalls every parallel op; --threads 1 is more robust)")
+    w = result["workloads"]
+    for name in offline:
+        wl = wls[name]
+        spec = (f"{wl.num_requests} prompts x {wl.max_new_tokens} new tokens, EOS ignored" if wl.ignore_eos else
+                f"first {wl.num_requests} prompts, at most {wl.max_new_tokens} new tokens, natural EOS")
+        w[name] = {"spec": spec + f", greedy, {wl.num_prompt_tokens} prompt tokens", "systems": []}
+    raw: dict[str, dict[str, RunResult]] = {name: {} for name in offline}
+
+    def ecfg() -> EngineConfig:
+        return EngineConfig(max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_batched_tokens,
+                            kv_cache_gb=opts.kv_cache_gb)
+
+    warm = Workload("warmup", prompts[:2], 4, True)
+    need_cbgen = "cbgen" in opts.systems and (offline or any(x in opts.workloads for x in CBGEN_ONLY))
+    for system in [s for s in SYSTEMS if s in opts.systems]:
+        if system != "cbgen" and not offline:
+            continue
+        if system == "cbgen" and not need_cbgen:
+            continue
+        if loaded is None:
+            gc.collect()
+            loaded = load()
+        model = loaded.model
+
+        def make_engine(_loaded=loaded):
+            return Engine.from_loaded(_loaded, ecfg())
+
+        fn = {"hf": lambda wl: run_hf_sequential(model, wl, opts.hf_max_prompts),
+              "static": lambda wl: run_hf_static(model, wl, opts.batch_size),
+              "generate_batch": lambda wl: run_generate_batch(model, wl, opts.kv_cache_gb),
+              "cbgen": lambda wl: run_cbgen(make_engine, wl)}[system]
+        status(f"{system}: warm-up")
+        fn(warm)
+        for name in offline:
+            status(f"{system}: {name} ({wls[name].num_requests} requests)")
+            res = _timed(fn, wls[name])
+            raw[name][system] = res
+            w[name]["systems"].append(res.summary())
+            status(f"{system}: {name}: {res.tok_s:.1f} tok/s over {res.wall_s:.1f} s"
+                   + (" (capped; extrapolated)" if res.extrapolated else ""))
+        if system == "cbgen":
+            _cbgen_only(opts, make_engine, prompts, result, status)
+        loaded = model = None
+    loaded = None
+    gc.collect()
+
+    for name in offline:
+        w[name]["ratios"] = report.ratios(w[name]["systems"])
+        if "cbgen" in raw[name]:
+            ref = raw[name]["cbgen"].token_ids
+            w[name]["agreement"] = {s: report.agreement(ref, r.token_ids)
+                                    for s, r in raw[name].items() if s != "cbgen"}
+    if "coldstart" in opts.workloads:
+        status("cold start: echo hi | cbgen run - --max-new-tokens 1")
+        w["coldstart"] = cold_start(opts.coldstart_repeats, threads=opts.threads)
+    result["env"]["load_avg_end"] = load_avg()
+    result["env"]["cpu_pressure_avg60_end"] = cpu_pressure()
+    result["max_rss_mb"] = round(max_rss_mb(), 1)
+    result["max_rss_note"] = "getrusage high-water mark of the whole bench process (all systems)"
+    result["targets"] = report.targets(result)
+    if write:
+        out = Path(opts.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if "concurrency" in w:
+            png = out / f"bench-{stamp}.png"
+            note = report.plot_concurrency(w["concurrency"]["levels"], png,
+                                           f"cbgen decode, {result['env']['model']} {result['env']['dtype']}, "
+                                           f"{result['env']['threads']} threads")
+            w["concurrency"]["plot"] = note or str(png)
+        path = out / f"bench-{stamp}.json"
+        report.write_json(result, path)
+        result["json_path"] = str(path)
+    return result
+
+
+def _cbgen_only(opts: BenchOptions, make_engine, prompts: list[list[int]], result: dict, status: Status) -> None:
+    w = result["workloads"]
+    if "arrivals" in opts.workloads:
+        wl = real(prompts, opts.arrivals_n, opts.real_max_new_tokens)
+        status(f"cbgen: arrivals ({wl.num_requests} requests at {opts.rate}/s)")
+        res = _timed(run_arrivals, make_engine, wl, opts.rate)
+        w["arrivals"] = {"spec": f"{wl.num_requests} real prompts, Poisson {opts.rate} req/s, "
+                                 f"at most {wl.max_new_tokens} new tokens, natural EOS",
+                         "result": res.summary()}
+    if "concurrency" in opts.workloads:
+        levels = []
+        for c in opts.concurrency:
+            status(f"cbgen: decode at concurrency {c}")
+            levels.append(decode_throughput(make_engine, prompts, c, opts.decode_steps))
+            status(f"cbgen: concurrency {c}: {levels[-1]['tok_s']} tok/s")
+        w["concurrency"] = {"spec": f"{opts.decode_steps} timed decode steps after all sequences prefilled",
+                            "levels": levels}
+    if "busy" in opts.workloads:
+        status(f"cbgen: busy-batch TTFT ({opts.probes} probes into {opts.busy} decoding)")
+        bg = prompts[:opts.busy]
+        probes = prompts[opts.busy:opts.busy + opts.probes] or prompts[:opts.probes]
+        w["busy"] = busy_batch_ttft(make_engine, bg, probes, busy=opts.busy)

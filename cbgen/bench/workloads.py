@@ -1,0 +1,90 @@
+"""Benchmark workloads: token-id prompts plus how far to generate. No torch.
+
+Every system in one comparison gets the same ``Workload``: the same prompt ids
+(chat template applied once, here), the same ``max_new_tokens`` and the same
+EOS rule, greedy.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..frontends.prompting import encode
+
+DEFAULT_PROMPTS = "../shared/bench/prompts-dev.jsonl"   # relative to the repo root
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    prompts: list[list[int]]
+    max_new_tokens: int
+    ignore_eos: bool              # True: every request generates exactly max_new_tokens
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    def head(self, n: int) -> "Workload":
+        return Workload(self.name, self.prompts[:n], self.max_new_tokens, self.ignore_eos)
+
+
+def load_prompt_ids(path: str | Path, tokenizer, limit: int | None = None) -> list[list[int]]:
+    """Token ids of the first ``limit`` lines of a JSONL prompt file.
+
+    A line holds ``messages`` (chat template applied) or ``prompt`` (also sent
+    through the chat template, as one user message, when the model has one).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} not found (pass --prompts FILE; the default "
+                                f"{DEFAULT_PROMPTS!r} is relative to the repo root)")
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    out: list[list[int]] = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if limit is not None and len(out) >= limit:
+                break
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if "messages" in rec and chat:
+                out.append(encode(tokenizer, messages=rec["messages"]))
+            else:
+                text = rec.get("prompt") or rec["messages"][-1]["content"]
+                out.append(encode(tokenizer, prompt=text, chat=chat))
+    if not out:
+        raise ValueError(f"prompt file {str(path)!r} holds no prompts")
+    return out
+
+
+def _cycle(prompts: list[list[int]], n: int) -> list[list[int]]:
+    """``n`` prompts, repeating the list when it is shorter than ``n``."""
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def uniform(prompts: list[list[int]], n: int, m: int) -> Workload:
+    """``n`` prompts x exactly ``m`` new tokens each (EOS ignored)."""
+    return Workload("uniform", _cycle(prompts, n), m, ignore_eos=True)
+
+
+def real(prompts: list[list[int]], n: int, max_new_tokens: int) -> Workload:
+    """The first ``n`` prompts, natural EOS, at most ``max_new_tokens``."""
+    return Workload("real", _cycle(prompts, n), max_new_tokens, ignore_eos=False)
+
+
+def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
+    """Arrival offsets (seconds from the start) of ``n`` requests arriving at ``rate``/s."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
