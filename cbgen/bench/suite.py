@@ -56,7 +56,7 @@ class BenchOptions:
     coldstart_repeats: int = 3
     max_num_seqs: int = 64
     max_batched_tokens: int = 512
-    kv_cache_gb: float = 2.0
+    kv_cache_gb: float = EngineConfig.kv_cache_gb   # the engine's default pool
 
     def __post_init__(self) -> None:
         bad = [w for w in self.workloads if w not in WORKLOADS]
