@@ -190,3 +190,13 @@ def tiny_gguf(tiny_model_dir, tmp_path_factory):
     write_tiny_gguf(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                     AutoTokenizer.from_pretrained(tiny_model_dir), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def sharp(tiny_loaded):
+    """``tiny_loaded`` with larger random weights: its output depends on the whole context."""
+    import dataclasses
+
+    from helpers import sharpen
+
+    return dataclasses.replace(tiny_loaded, model=sharpen(tiny_loaded.model))

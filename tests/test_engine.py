@@ -9,12 +9,11 @@ weights, whose greedy output depends on the whole context.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import random
 from collections import defaultdict
 
 import pytest
+from helpers import hf_greedy
 import torch
 
 from cbgen.config import EngineConfig, SamplingParams
@@ -41,21 +40,6 @@ TEXTS = [
 ]
 
 
-def sharpen(model, std: float = 0.2, seed: int = 0):
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
-def sharp(tiny_loaded):
-    return dataclasses.replace(tiny_loaded, model=sharpen(tiny_loaded.model))
-
-
 @pytest.fixture(scope="module")
 def tok(tiny_loaded):
     return tiny_loaded.tokenizer
@@ -68,19 +52,6 @@ def engine(loaded, **cfg) -> Engine:
 def greedy(n: int, **kw) -> SamplingParams:
     """Exactly ``n`` greedy tokens (EOS suppressed, as HF's min_new_tokens does)."""
     return SamplingParams(max_new_tokens=n, min_new_tokens=n, **kw)
-
-
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """HF generate, one prompt at a time, in the model's own attention (the engine's is restored)."""
-    prev = model.config._attn_implementation
-    model.set_attn_implementation("sdpa")
-    try:
-        ids = torch.tensor([prompt])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False)
-    finally:
-        model.set_attn_implementation(prev)
-    return out[0, len(prompt):].tolist()
 
 
 def spy(eng: Engine) -> list[dict[str, int]]:

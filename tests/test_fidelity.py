@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import hf_greedy
 
 # The shared dev prompts live next to the repo: ../shared/bench/prompts-dev.jsonl from its root.
 PROMPTS = Path(__file__).resolve().parent.parent / ".." / "shared" / "bench" / "prompts-dev.jsonl"
@@ -32,20 +33,6 @@ def chat_prompts(tokenizer, n: int) -> list[tuple[str, list[int]]]:
         text = tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
         out.append((r["id"], tokenizer.encode(text, add_special_tokens=False)))
     return out
-
-
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    import torch
-
-    prev = model.config._attn_implementation
-    model.set_attn_implementation("sdpa")
-    try:
-        ids = torch.tensor([prompt])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False)
-    finally:
-        model.set_attn_implementation(prev)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture

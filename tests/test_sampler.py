@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 
 import pytest
@@ -122,22 +120,6 @@ def test_greedy_and_sampled_rows_mix_in_one_batch():
 
 
 # ---- through the engine ---------------------------------------------------------
-
-def sharpen(model, std: float = 0.2, seed: int = 0):
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
-def sharp(tiny_loaded):
-    """The tiny model with larger random weights: its output depends on the whole context."""
-    return dataclasses.replace(tiny_loaded, model=sharpen(tiny_loaded.model))
-
 
 def run(loaded, requests, **cfg):
     """requests: list of (id, prompt ids, params) -> {(id, index): final RequestOutput}."""

@@ -1,0 +1,33 @@
+"""Helpers shared by the engine, sampler and fidelity tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+def sharpen(model, std: float = 0.2, seed: int = 0):
+    """A copy with larger random weights: the conftest tiny model (0.02 init, tied
+    embeddings) just repeats its last token, which makes a weak oracle."""
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return m.eval()
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """HF generate, one prompt at a time, exactly ``n`` greedy tokens, in sdpa
+    (the model's current attention implementation is restored afterwards)."""
+    prev = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False)
+    finally:
+        model.set_attn_implementation(prev)
+    return out[0, len(prompt):].tolist()
