@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--model", default=None, help="model spec (default: the embedded SmolLM2)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--attention", default="auto", choices=["auto", "native", "torch"],
+                    help="engine decode attention (EngineConfig.attention)")
     ap.add_argument("--natural", action="store_true", help="let EOS end sequences (default: exact length)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "fidelity.json")
     args = ap.parse_args(argv)
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Engine first: all prompts at once.
     t0 = time.perf_counter()
-    eng = Engine.from_loaded(loaded, EngineConfig(max_num_seqs=args.max_num_seqs))
+    eng = Engine.from_loaded(loaded, EngineConfig(max_num_seqs=args.max_num_seqs, attention=args.attention))
     params = SamplingParams(max_new_tokens=n_new, min_new_tokens=0 if args.natural else n_new)
     outs = eng.generate([p for _, p in prompts], params)
     engine_s = time.perf_counter() - t0

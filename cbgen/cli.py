@@ -41,12 +41,13 @@ def _load(model: str | None, dtype: str, threads: int | None):
         fail(str(e))
 
 
-def _engine(loaded, max_num_seqs: int, max_batched_tokens: int, kv_cache_gb: float, prefix_cache: bool):
+def _engine(loaded, max_num_seqs: int, max_batched_tokens: int, kv_cache_gb: float, prefix_cache: bool,
+            attention: str = "auto"):
     from .engine.engine import Engine
     from .engine.runner import UnsupportedModelError
     try:
         cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens,
-                           kv_cache_gb=kv_cache_gb, enable_prefix_caching=prefix_cache)
+                           kv_cache_gb=kv_cache_gb, enable_prefix_caching=prefix_cache, attention=attention)
         return Engine.from_loaded(loaded, cfg)
     except (UnsupportedModelError, ValueError) as e:
         fail(str(e))
@@ -87,6 +88,8 @@ def run(
     max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Token budget of one step."),
     kv_cache_gb: float = typer.Option(1.0, "--kv-cache-gb", help="Memory for the KV cache pool."),
     no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache"),
+    attention: str = typer.Option("auto", "--attention",
+                                  help="Decode attention: auto | native (C kernel, built once) | torch."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary on stderr."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Live view on stderr (default: when stderr is a terminal)."),
@@ -110,7 +113,7 @@ def run(
     if validate:
         from .frontends.validate import validate_inputs
         raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err))
-    engine = _engine(loaded, max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache)
+    engine = _engine(loaded, max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention)
     opts = RunOptions(inputs=inputs, output=output, fmt=fmt, order=order, resume=resume, system=system,
                       defaults=defaults, quiet=quiet, progress=progress, model_name=loaded.name)
     code = BatchRun(engine, loaded.tokenizer, opts, err).run()
@@ -156,7 +159,8 @@ def bench(
     workloads: str = typer.Option("uniform,real,arrivals,concurrency,busy,coldstart", "--workloads",
                                   help="Comma list of uniform, real, arrivals, concurrency, busy, coldstart."),
     systems: str = typer.Option("hf,static,generate_batch,cbgen", "--systems",
-                                help="Comma list of hf, static, generate_batch, cbgen."),
+                                help="Comma list of hf, static, generate_batch, cbgen-torch, cbgen "
+                                     "(cbgen-torch: cbgen with --attention torch, for A/B)."),
     out: str = typer.Option("benchmarks/out", "--out", help="Directory for bench-<timestamp>.json and .png."),
     quick: bool = typer.Option(False, "--quick", help="Small sizes (a smoke test, not a measurement)."),
     hf_max_prompts: Optional[int] = typer.Option(None, "--hf-max-prompts",

@@ -7,10 +7,18 @@ value given and the allowed range, so front-ends can show it as one line.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 MAX_SEED = 2**63 - 1
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """``cache_dir``, else ``$CBGEN_CACHE``, else ``~/.cache/cbgen``: converted models, built kernels."""
+    root = cache_dir or os.environ.get("CBGEN_CACHE") or "~/.cache/cbgen"
+    return Path(root).expanduser()
 
 
 def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
@@ -131,6 +139,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None     # None: the model's context length
     long_prefill_token_threshold: int = 0  # >0: cap a single prefill chunk below the budget
+    # Decode attention: "native" = the C kernel reading the paged pool in place
+    # (built once with the system C compiler), "torch" = gather + SDPA,
+    # "auto" = native when it builds and supports the model's shapes.
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         _check(_is_int(self.max_num_seqs) and 1 <= self.max_num_seqs <= 4096,
@@ -150,6 +162,8 @@ class EngineConfig:
                "max_model_len", self.max_model_len, "null or an integer >= 2")
         _check(_is_int(self.long_prefill_token_threshold) and self.long_prefill_token_threshold >= 0,
                "long_prefill_token_threshold", self.long_prefill_token_threshold, "an integer >= 0")
+        _check(self.attention in ("auto", "native", "torch"),
+               "attention", self.attention, "one of auto, native, torch")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from cbgen.config import ModelConfig
+from cbgen.config import ModelConfig, cache_root
 
 if TYPE_CHECKING:
     import torch
@@ -93,12 +93,6 @@ class LoadedModel:
     converted: bool  # this call de-quantised a GGUF into the cache
     load_seconds: float
     origin: Path  # what the user named: the .gguf file, or the model dir
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    """``cache_dir``, else ``$CBGEN_CACHE``, else ``~/.cache/cbgen``."""
-    root = cache_dir or os.environ.get("CBGEN_CACHE") or "~/.cache/cbgen"
-    return Path(root).expanduser()
 
 
 def gguf_cache_path(gguf: Path, cache_dir: str | None = None) -> Path:

@@ -368,11 +368,13 @@ def test_invalid_sampling_values_name_the_field(field, value):
 
 # ---- fidelity -----------------------------------------------------------------
 
-def test_greedy_matches_hf_generate_with_requests_joining_and_leaving(sharp, tok):
+@pytest.mark.parametrize("attention", ["native", "torch"])
+def test_greedy_matches_hf_generate_with_requests_joining_and_leaving(sharp, tok, attention):
     ps = prompts(tok, 16)
     lens = [8 + (5 * i) % 17 for i in range(16)]
     expected = [hf_greedy(sharp.model, p, n) for p, n in zip(ps, lens)]
-    eng = engine(sharp, max_num_seqs=4)
+    eng = engine(sharp, max_num_seqs=4, attention=attention)
+    assert (eng.runner.kernel is not None) == (attention == "native")
     log = spy(eng)
     outs = eng.generate(ps, [greedy(n) for n in lens])
     assert eng.block_manager.all_free()

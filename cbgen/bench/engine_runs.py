@@ -23,7 +23,7 @@ def _params(wl: Workload) -> SamplingParams:
     return SamplingParams(max_new_tokens=wl.max_new_tokens, ignore_eos=wl.ignore_eos)
 
 
-def run_cbgen(make_engine: EngineFactory, wl: Workload) -> RunResult:
+def run_cbgen(make_engine: EngineFactory, wl: Workload, system: str = "cbgen") -> RunResult:
     """All requests submitted at t0, then ``step()`` until none is unfinished."""
     engine = make_engine()
     params = _params(wl)
@@ -39,9 +39,10 @@ def run_cbgen(make_engine: EngineFactory, wl: Workload) -> RunResult:
     outs = [final[i] for i in range(wl.num_requests)]
     timings = [RequestTiming(len(o.token_ids), o.metrics.ttft, o.metrics.total_time) for o in outs]
     st = engine.stats()
-    res = RunResult("cbgen", wl.name, wl.num_requests, wl.num_requests, sum(len(o.token_ids) for o in outs),
+    res = RunResult(system, wl.name, wl.num_requests, wl.num_requests, sum(len(o.token_ids) for o in outs),
                     wall, requests=timings, token_ids=[list(o.token_ids) for o in outs])
-    res.notes.append(f"max_num_seqs={engine.config.max_num_seqs}, budget={engine.config.max_num_batched_tokens} "
+    res.notes.append(f"attention={'native' if engine.runner.kernel else 'torch'}, "
+                     f"max_num_seqs={engine.config.max_num_seqs}, budget={engine.config.max_num_batched_tokens} "
                      f"tokens/step, {st.num_kv_blocks} KV blocks, {st.num_steps} steps, "
                      f"prefix hit rate {st.prefix_hit_rate:.0%}, "
                      f"{st.num_preemptions} preemptions")

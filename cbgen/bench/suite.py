@@ -25,7 +25,8 @@ from .engine_runs import busy_batch_ttft, decode_throughput, run_arrivals, run_c
 from .measure import RssSampler, RunResult, cpu_pressure, load_avg, max_rss_mb
 from .workloads import DEFAULT_PROMPTS, Workload, load_prompt_ids, real, uniform
 
-SYSTEMS = ("hf", "static", "generate_batch", "cbgen")
+SYSTEMS = ("hf", "static", "generate_batch", "cbgen-torch", "cbgen")
+DEFAULT_SYSTEMS = ("hf", "static", "generate_batch", "cbgen")   # cbgen-torch: opt-in A/B of the attention kernel
 WORKLOADS = ("uniform", "real", "arrivals", "concurrency", "busy", "coldstart")
 CBGEN_ONLY = ("arrivals", "concurrency", "busy")
 
@@ -36,7 +37,7 @@ Status = Callable[[str], None]
 class BenchOptions:
     prompts: str = DEFAULT_PROMPTS
     workloads: tuple[str, ...] = WORKLOADS
-    systems: tuple[str, ...] = SYSTEMS
+    systems: tuple[str, ...] = DEFAULT_SYSTEMS
     out: str = "benchmarks/out"
     model: str | None = None
     dtype: str = "auto"
@@ -137,14 +138,14 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
         w[name] = {"spec": spec + f", greedy, {wl.num_prompt_tokens} prompt tokens", "systems": []}
     raw: dict[str, dict[str, RunResult]] = {name: {} for name in offline}
 
-    def ecfg() -> EngineConfig:
+    def ecfg(attention: str = "auto") -> EngineConfig:
         return EngineConfig(max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_batched_tokens,
-                            kv_cache_gb=opts.kv_cache_gb)
+                            kv_cache_gb=opts.kv_cache_gb, attention=attention)
 
     warm = Workload("warmup", prompts[:2], 4, True)
     need_cbgen = "cbgen" in opts.systems and (offline or any(x in opts.workloads for x in CBGEN_ONLY))
     for system in [s for s in SYSTEMS if s in opts.systems]:
-        if system != "cbgen" and not offline:
+        if system != "cbgen" and not offline:  # cbgen-torch runs the offline workloads only
             continue
         if system == "cbgen" and not need_cbgen:
             continue
@@ -153,12 +154,13 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
             loaded = load()
         model = loaded.model
 
-        def make_engine(_loaded=loaded):
-            return Engine.from_loaded(_loaded, ecfg())
+        def make_engine(_loaded=loaded, _attention="torch" if system == "cbgen-torch" else "auto"):
+            return Engine.from_loaded(_loaded, ecfg(_attention))
 
         fn = {"hf": lambda wl: run_hf_sequential(model, wl, opts.hf_max_prompts),
               "static": lambda wl: run_hf_static(model, wl, opts.batch_size),
               "generate_batch": lambda wl: run_generate_batch(model, wl, opts.kv_cache_gb),
+              "cbgen-torch": lambda wl: run_cbgen(make_engine, wl, "cbgen-torch"),
               "cbgen": lambda wl: run_cbgen(make_engine, wl)}[system]
         status(f"{system}: warm-up")
         fn(warm)

@@ -1,12 +1,19 @@
 """Attention over the paged KV cache, registered with transformers' AttentionInterface.
 
 The model runs on one flattened batch ``[1, T]`` of all scheduled tokens (no
-padding). Per layer this function writes the step's K/V into the pool at
-``slot_mapping`` and attends each query to its own sequence's cached K/V:
-- decodes (one query each, the first ``num_decodes`` tokens) in one batched
-  call: K/V gathered through a [num_decodes, max_len] slot table, padded slots
-  masked out. Query heads are grouped per KV head (GQA) so K/V are never repeated.
-- prefill chunks one call each, causal with an offset for the cached prefix.
+padding). Per layer this function writes the step's K/V into the pool and
+attends each query to its own sequence's cached K/V:
+- decodes (one query each, the first ``num_decodes`` tokens) in one call:
+  the native kernel (paged_kernel.py) reads K/V in place through the block
+  tables; without it, whole blocks are gathered and one batched SDPA runs with
+  padded positions masked out. Query heads are grouped per KV head (GQA) so
+  K/V are never repeated.
+- prefill chunks one SDPA call each, causal with an offset for the cached prefix.
+
+Pool layout (per layer), chosen for the kernel: K is ``[num_blocks, KVH, D,
+block_size]`` (token-minor inside a block, so q.K vectorises over tokens) and
+V is ``[num_blocks * block_size, KVH, D]`` (one row per slot). The last block
+is a zeroed null block that padded table entries point at.
 """
 
 from __future__ import annotations
@@ -18,33 +25,52 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .paged_kernel import PagedDecodeKernel
+
 ATTN_NAME = "cbgen_paged"
 
 
 @dataclass
 class PrefillChunk:
-    start: int                 # first query row in the flat batch
+    start: int                   # first query row in the flat batch
     end: int
-    slots: torch.Tensor        # [ctx_len] cache slots of the whole context so far
-    mask: torch.Tensor | None  # [q, ctx_len] bool (True = attend); None = plain causal, no prefix
+    ctx_len: int                 # cached prefix + this chunk
+    blocks: torch.Tensor | None  # [ceil(ctx_len / bs)] block ids; None = nothing cached before the chunk
+    mask: torch.Tensor | None    # [q, ctx_len] bool (True = attend); None with blocks=None (plain causal)
 
 
 @dataclass
 class PagedBatch:
     """Per-step attention metadata, shared by all layers (built once per step)."""
 
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each [num_slots, kv_heads, head_dim]
-    slot_mapping: torch.Tensor                   # [T] where each new token's K/V goes
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v) in the pool layout above
+    block_size: int
+    write_blocks: torch.Tensor                   # [T] block of each new token's K/V
+    write_offsets: torch.Tensor                  # [T] offset inside that block
+    write_slots: torch.Tensor                    # [T] block * block_size + offset (V rows)
     num_decodes: int
-    decode_slots: torch.Tensor | None            # [num_decodes, max_len]
-    decode_mask: torch.Tensor | None             # [num_decodes, 1, 1, max_len] additive (0 / -inf)
+    decode_tables: torch.Tensor | None           # int32 [num_decodes, W], padded with the null block
+    decode_lens: torch.Tensor | None             # int32 [num_decodes] context lengths incl. the new token
+    decode_mask: torch.Tensor | None             # torch path only: [num_decodes, 1, 1, W * bs] additive
+    decode_pad: torch.Tensor | None              # torch path only: [num_decodes, 1, W * bs, 1] True past the length
     prefills: list[PrefillChunk]
+    kernel: PagedDecodeKernel | None             # None: torch path for decodes
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``cache[slots]`` as ``index_select`` on the flattened slots: the same values, but one
-    row memcpy per slot instead of advanced indexing's per-element copy (~10x faster on CPU)."""
-    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+def _gather_k(k_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Whole blocks of K as [..., KVH, n * bs, D] for ``blocks`` of shape [..., n]."""
+    _, kvh, d, bs = k_cache.shape
+    k = k_cache.index_select(0, blocks.reshape(-1)).view(*blocks.shape, kvh, d, bs)
+    k = k.movedim(-3, -4).transpose(-1, -2)                      # [..., KVH, n, bs, D]
+    return k.reshape(*blocks.shape[:-1], kvh, blocks.shape[-1] * bs, d)
+
+
+def _gather_v(v_cache: torch.Tensor, blocks: torch.Tensor, bs: int) -> torch.Tensor:
+    """Whole blocks of V as [..., KVH, n * bs, D] for ``blocks`` of shape [..., n]."""
+    _, kvh, d = v_cache.shape
+    v = v_cache.view(-1, bs, kvh, d).index_select(0, blocks.reshape(-1))
+    v = v.view(*blocks.shape[:-1], blocks.shape[-1] * bs, kvh, d)
+    return v.transpose(-2, -3)
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -58,28 +84,35 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     _, num_heads, T, D = query.shape
     kvh = key.shape[1]
     group = num_heads // kvh
+    scale = scaling if scaling is not None else D ** -0.5
     # Write first: a query may attend to its own token.
-    k_cache.index_copy_(0, batch.slot_mapping, key[0].transpose(0, 1))
-    v_cache.index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1))
+    k_cache[batch.write_blocks, :, :, batch.write_offsets] = key[0].transpose(0, 1)
+    v_cache.index_copy_(0, batch.write_slots, value[0].transpose(0, 1))
 
     out = query.new_empty(T, num_heads, D)
     nd = batch.num_decodes
-    if nd:
+    if nd and batch.kernel is not None:
+        q = query[0, :, :nd].transpose(0, 1).contiguous()          # [nd, H, D]
+        batch.kernel(q, k_cache, v_cache, out[:nd], batch.decode_tables, batch.decode_lens,
+                     batch.block_size, scale)
+    elif nd:
         # [H, nd, D] -> [nd, kvh, group, D]: the group plays the role of query length.
         q = query[0, :, :nd].reshape(kvh, group, nd, D).permute(2, 0, 1, 3)
-        k = _gather(k_cache, batch.decode_slots).transpose(1, 2)   # [nd, kvh, L, D]
-        v = _gather(v_cache, batch.decode_slots).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.decode_mask, scale=scaling)
+        # Slots past a sequence's length in its last block were never written (the
+        # pool is torch.empty): zero them, or a NaN there would survive the -inf mask.
+        k = _gather_k(k_cache, batch.decode_tables).masked_fill_(batch.decode_pad, 0)   # [nd, kvh, L, D]
+        v = _gather_v(v_cache, batch.decode_tables, batch.block_size).masked_fill(batch.decode_pad, 0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.decode_mask, scale=scale)
         out[:nd] = o.reshape(nd, num_heads, D)
     for c in batch.prefills:
         q = query[:, :, c.start:c.end]
-        if c.mask is None:  # nothing cached before this chunk: its own K/V are the whole context
+        if c.blocks is None:  # nothing cached before this chunk: its own K/V are the whole context
             k, v = key[:, :, c.start:c.end], value[:, :, c.start:c.end]
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            k = _gather(k_cache, c.slots).transpose(0, 1).unsqueeze(0)   # [1, kvh, L, D]
-            v = _gather(v_cache, c.slots).transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=c.mask, scale=scaling, enable_gqa=True)
+            k = _gather_k(k_cache, c.blocks)[:, :c.ctx_len].unsqueeze(0)   # [1, kvh, ctx, D]
+            v = _gather_v(v_cache, c.blocks, batch.block_size)[:, :c.ctx_len].unsqueeze(0)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=c.mask, scale=scale, enable_gqa=True)
         out[c.start:c.end] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None
 

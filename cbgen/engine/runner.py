@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import EngineConfig
+from ..config import EngineConfig, cache_root
+from . import paged_kernel
 from .attention import ATTN_NAME, PagedBatch, PrefillChunk
 from .sampler import SampleResult, sample
 from .scheduler import SchedulerOutput
@@ -30,6 +31,7 @@ class UnsupportedModelError(ValueError):
 @dataclass(frozen=True)
 class KVGeometry:
     num_layers: int
+    num_heads: int
     num_kv_heads: int
     head_dim: int
     dtype_bytes: int
@@ -50,7 +52,7 @@ def kv_geometry(model) -> KVGeometry:
                                     f"{c.sliding_window} is not supported by the paged engine")
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kvh = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    return KVGeometry(c.num_hidden_layers, kvh, head_dim, model.dtype.itemsize)
+    return KVGeometry(c.num_hidden_layers, c.num_attention_heads, kvh, head_dim, model.dtype.itemsize)
 
 
 def num_blocks_for(cfg: EngineConfig, geo: KVGeometry, max_model_len: int) -> int:
@@ -66,34 +68,49 @@ def num_blocks_for(cfg: EngineConfig, geo: KVGeometry, max_model_len: int) -> in
 class ModelRunner:
     def __init__(self, model, cfg: EngineConfig, num_blocks: int) -> None:
         self.model = model
-        self.geo = kv_geometry(model)
-        self.block_size = cfg.block_size
+        self.geo = geo = kv_geometry(model)
+        self.block_size = bs = cfg.block_size
         self.device = next(model.parameters()).device
+        self.kernel = self._pick_kernel(cfg)
         # Our function reads/writes the paged pool; transformers builds no mask for it.
         model.set_attn_implementation(ATTN_NAME)
-        # One extra slot at the end, zeroed and never written: padded decode
-        # positions read it, so attention never reads unwritten memory (a NaN
-        # there would survive the -inf mask as 0 * NaN).
-        self.null_slot = num_blocks * cfg.block_size
-        shape = (self.null_slot + 1, self.geo.num_kv_heads, self.geo.head_dim)
+        # One extra block at the end, zeroed and never written: padded decode-table
+        # entries point at it (the kernel never reads them; the torch path gathers
+        # and then zeroes every position past a sequence's length).
+        self.null_block = num_blocks
+        kv_shape = (num_blocks + 1, geo.num_kv_heads, geo.head_dim, bs)   # see attention.py: token-minor
+        v_shape = ((num_blocks + 1) * bs, geo.num_kv_heads, geo.head_dim)
         # torch.empty: pages are only touched (and counted in RSS) as blocks get used.
-        self.kv = [(torch.empty(shape, dtype=model.dtype, device=self.device),
-                    torch.empty(shape, dtype=model.dtype, device=self.device))
-                   for _ in range(self.geo.num_layers)]
+        self.kv = [(torch.empty(kv_shape, dtype=model.dtype, device=self.device),
+                    torch.empty(v_shape, dtype=model.dtype, device=self.device))
+                   for _ in range(geo.num_layers)]
         for k, v in self.kv:
-            k[self.null_slot].zero_()
-            v[self.null_slot].zero_()
+            k[self.null_block].zero_()
+            v[self.null_block * bs:].zero_()
         self.num_forward_tokens = 0   # every token ever forwarded (the no-recompute check counts these)
 
-    def _slots(self, table: list[int], start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+    def _pick_kernel(self, cfg: EngineConfig) -> paged_kernel.PagedDecodeKernel | None:
+        if cfg.attention == "torch":
+            return None
+        geo = self.geo
+        kernel = paged_kernel.load(cache_root() / "kernels") if self.device.type == "cpu" else None
+        if kernel is not None and kernel.supports(self.model.dtype, geo.num_heads, geo.num_kv_heads,
+                                                  geo.head_dim, cfg.block_size):
+            return kernel
+        if cfg.attention == "native":
+            why = ("it could not be built here (no C compiler?)" if kernel is None and self.device.type == "cpu"
+                   else f"it does not support device={self.device.type}, dtype={self.model.dtype}, "
+                        f"heads={geo.num_heads}/{geo.num_kv_heads}, head_dim={geo.head_dim}, "
+                        f"block_size={cfg.block_size}")
+            raise UnsupportedModelError(f"attention='native' is unavailable: {why}; use 'auto' or 'torch'")
+        return None
 
     def _batch(self, out: SchedulerOutput):
-        dev = self.device
+        dev, bs = self.device, self.block_size
         ids: list[int] = []
         pos: list[int] = []
-        slot_mapping: list[int] = []
+        blocks: list[int] = []
+        offsets: list[int] = []
         keep: list[int] = []
         dec_tables: list[list[int]] = []
         dec_lens: list[int] = []
@@ -101,42 +118,46 @@ class ModelRunner:
         for s in out.scheduled:
             req, st, n = s.request, s.start, s.num_tokens
             flat = len(ids)
+            table = req.block_table
             ids.extend(req.token_ids[st:st + n])
             pos.extend(range(st, st + n))
-            slot_mapping.extend(self._slots(req.block_table, st, st + n))
+            blocks.extend(table[p // bs] for p in range(st, st + n))
+            offsets.extend(p % bs for p in range(st, st + n))
             if s.samples:
                 keep.append(flat + n - 1)
             if n == 1:
                 assert flat == len(dec_lens), "decodes come first"
-                dec_tables.append(req.block_table)
+                dec_tables.append(table)
                 dec_lens.append(st + 1)
             else:
-                prefill_specs.append((flat, st, n, req.block_table))
+                prefill_specs.append((flat, st, n, table))
 
-        decode_slots = decode_mask = None
+        tables = lens = mask = pad = None
         if dec_lens:
-            bs = self.block_size
-            width = max(len(t) for t in dec_tables)
-            table = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], device=dev)
-            L = max(dec_lens)
-            j = torch.arange(L, device=dev)
-            lens = torch.tensor(dec_lens, device=dev).unsqueeze(1)
-            decode_slots = torch.where(j < lens, table[:, j // bs] * bs + j % bs, self.null_slot)
-            decode_mask = torch.zeros(len(dec_lens), L, dtype=self.model.dtype, device=dev)
-            decode_mask.masked_fill_(j.unsqueeze(0) >= lens, float("-inf"))
-            decode_mask = decode_mask[:, None, None, :]
+            width = -(-max(dec_lens) // bs)
+            null = self.null_block
+            tables = torch.tensor([t[:width] + [null] * (width - len(t[:width])) for t in dec_tables],
+                                  dtype=torch.int32, device=dev)
+            lens = torch.tensor(dec_lens, dtype=torch.int32, device=dev)
+            if self.kernel is None:
+                j = torch.arange(width * bs, device=dev)
+                past = j.unsqueeze(0) >= lens.unsqueeze(1)                     # [nd, W * bs]
+                mask = torch.zeros(past.shape, dtype=self.model.dtype, device=dev).masked_fill_(past, float("-inf"))
+                mask, pad = mask[:, None, None, :], past[:, None, :, None]
         prefills = []
         for flat, st, n, table in prefill_specs:
-            if st == 0:
-                prefills.append(PrefillChunk(flat, flat + n, None, None))  # type: ignore[arg-type]
-                continue
             ctx = st + n
-            slots = torch.tensor(self._slots(table, 0, ctx), device=dev)
+            if st == 0:
+                prefills.append(PrefillChunk(flat, flat + n, ctx, None, None))
+                continue
+            chunk_blocks = torch.tensor(table[:-(-ctx // bs)], device=dev)
             q_pos = torch.arange(st, ctx, device=dev).unsqueeze(1)
-            mask = torch.arange(ctx, device=dev).unsqueeze(0) <= q_pos   # [n, ctx]
-            prefills.append(PrefillChunk(flat, flat + n, slots, mask))
-        batch = PagedBatch(self.kv, torch.tensor(slot_mapping, device=dev), len(dec_lens),
-                           decode_slots, decode_mask, prefills)
+            causal = torch.arange(ctx, device=dev).unsqueeze(0) <= q_pos   # [n, ctx]
+            prefills.append(PrefillChunk(flat, flat + n, ctx, chunk_blocks, causal))
+        write_blocks = torch.tensor(blocks, device=dev)
+        write_offsets = torch.tensor(offsets, device=dev)
+        batch = PagedBatch(self.kv, bs, write_blocks, write_offsets, write_blocks * bs + write_offsets,
+                           len(dec_lens), tables, lens, mask, pad, prefills, self.kernel)
         return (torch.tensor(ids, device=dev).unsqueeze(0), torch.tensor(pos, device=dev).unsqueeze(0),
                 torch.tensor(keep, dtype=torch.long, device=dev), batch)
 

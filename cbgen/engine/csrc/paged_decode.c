@@ -1,0 +1,204 @@
+/* Paged decode attention: one query token per sequence, K/V read in place
+ * from the block pool (no gather, no padding to the longest context).
+ *
+ * Layouts (row-major, contiguous):
+ *   q, out   [nd, H, D]               one decode token per sequence
+ *   k        [num_blocks, KVH, D, bs] keys, token-minor inside a block
+ *   v        [num_blocks, bs, KVH, D] values, one row per slot
+ *   tables   [nd, table_stride]       block ids of each sequence
+ *   lens     [nd]                     context length including the new token
+ * Position t of sequence i lives in block tables[i][t / bs], offset t % bs.
+ * Requirements (checked, -1 otherwise): D % 16 == 0, D <= 256, bs % 16 == 0,
+ * H % KVH == 0, H / KVH <= 8.
+ *
+ * Why K is token-minor: q.K for 16 tokens is then D multiply-adds of a
+ * broadcast q[d] with 16 contiguous keys, vectorised over tokens with no
+ * horizontal sums. V rows are contiguous in D, so p[t] * V[t] vectorises
+ * over D.
+ *
+ * Work item = (sequence, kv head): its G = H / KVH query heads share every
+ * K and V load (GQA without repeating K/V). Scores and sums accumulate in
+ * float32; softmax is exact up to expf rounding (max-subtracted, two passes).
+ * Common (G, D) pairs get their own specialisation so the accumulators live
+ * in registers.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+#define MAX_D 256
+#define MAX_G 8
+
+static inline v16f load16_bf16(const uint16_t *p) {
+    v16h h;
+    memcpy(&h, p, sizeof h);
+    v16u u = __builtin_convertvector(h, v16u) << 16;
+    v16f f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline v16f load16_f32(const float *p) {
+    v16f f;
+    memcpy(&f, p, sizeof f);
+    return f;
+}
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                           /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f32_to_f32(float x) { return x; }
+
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+static inline v16f vmax(v16f a, v16f b) {
+    const v16i m = a > b;
+    return (v16f)((m & (v16i)a) | (~m & (v16i)b));
+}
+
+/* exp(x) for x <= 0, 16 lanes (Cephes expf: n = round(x / ln 2), degree-5
+ * polynomial on the remainder, ~1 ulp; below -87 it returns ~1e-38, not 0).
+ * Hand-vectorised: libm's scalar expf was a third of the kernel's time. */
+static inline v16f exp16_nonpos(v16f x) {
+    const v16f lo = (v16f){0} - 87.0f, magic = (v16f){0} + 12582912.0f; /* 1.5 * 2^23 */
+    x = vmax(x, lo);
+    const v16f n = (x * 1.44269504088896341f + magic) - magic;          /* round to nearest */
+    const v16f r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v16f p = (v16f){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
+    return p * (v16f)e;
+}
+
+/* One (sequence i, kv head h) work item; s is scratch for G * (L rounded up to bs) scores. */
+#define DEFINE_ITEM(NAME, T, LOAD16, LOAD1, STORE1)                                             \
+static inline __attribute__((always_inline)) void NAME(                                         \
+    const int G, const int D, const T *q, const T *k, const T *v, T *out, const int32_t *tab,   \
+    int L, int H, int KVH, int bs, float scale, int i, int h, float *s)                         \
+{                                                                                               \
+    const int nb = (L + bs - 1) / bs, Lp = nb * bs, nc = D / 16;                                \
+    float qf[MAX_G][MAX_D];                                                                     \
+    v16f acc[MAX_G][MAX_D / 16];                                                                \
+    for (int g = 0; g < G; g++) {                                                               \
+        const T *qp = q + ((size_t)i * H + (size_t)h * G + g) * D;                              \
+        for (int d = 0; d < D; d++) qf[g][d] = LOAD1(qp[d]) * scale;                            \
+        for (int c = 0; c < nc; c++) acc[g][c] = (v16f){0};                                     \
+    }                                                                                           \
+    for (int b = 0; b < nb; b++) {                                                              \
+        const T *kb = k + ((size_t)tab[b] * KVH + h) * (size_t)D * bs;                          \
+        for (int j = 0; j < bs; j += 16) {                                                      \
+            v16f s0[MAX_G], s1[MAX_G]; /* two chains per head: even / odd d */                  \
+            for (int g = 0; g < G; g++) { s0[g] = (v16f){0}; s1[g] = (v16f){0}; }               \
+            for (int d = 0; d < D; d += 2) {                                                    \
+                const v16f k0 = LOAD16(kb + (size_t)d * bs + j);                                \
+                const v16f k1 = LOAD16(kb + (size_t)(d + 1) * bs + j);                          \
+                for (int g = 0; g < G; g++) {                                                   \
+                    s0[g] += qf[g][d] * k0;                                                     \
+                    s1[g] += qf[g][d + 1] * k1;                                                 \
+                }                                                                               \
+            }                                                                                   \
+            for (int g = 0; g < G; g++) {                                                       \
+                const v16f sum = s0[g] + s1[g];                                                 \
+                memcpy(s + (size_t)g * Lp + (size_t)b * bs + j, &sum, sizeof sum);              \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    float inv[MAX_G];                                                                           \
+    for (int g = 0; g < G; g++) {                                                               \
+        float *sg = s + (size_t)g * Lp;                                                         \
+        for (int t = L; t < Lp; t++) sg[t] = -INFINITY; /* the last block's unused slots */     \
+        v16f mv = (v16f){0} - INFINITY, zv = (v16f){0};                                         \
+        for (int t = 0; t < Lp; t += 16) { v16f x; memcpy(&x, sg + t, 64); mv = vmax(mv, x); }  \
+        float m = mv[0];                                                                        \
+        for (int e = 1; e < 16; e++) m = mv[e] > m ? mv[e] : m;                                 \
+        for (int t = 0; t < Lp; t += 16) {                                                      \
+            v16f x;                                                                             \
+            memcpy(&x, sg + t, 64);                                                             \
+            x = exp16_nonpos(x - m);                                                            \
+            memcpy(sg + t, &x, 64);                                                             \
+            zv += x;                                                                            \
+        }                                                                                       \
+        float z = 0.f;                                                                          \
+        for (int t = L; t < Lp; t++) z -= sg[t]; /* drop the unused slots' ~1e-38 */            \
+        for (int e = 0; e < 16; e++) z += zv[e];                                                \
+        inv[g] = 1.f / z;                                                                       \
+    }                                                                                           \
+    for (int t = 0; t < L; t++) {                                                               \
+        const T *vp = v + (((size_t)tab[t / bs] * bs + t % bs) * KVH + h) * D;                  \
+        for (int c = 0; c < nc; c++) {                                                          \
+            const v16f vr = LOAD16(vp + 16 * c);                                                \
+            for (int g = 0; g < G; g++) acc[g][c] += s[(size_t)g * Lp + t] * vr;                \
+        }                                                                                       \
+    }                                                                                           \
+    for (int g = 0; g < G; g++) {                                                               \
+        T *op = out + ((size_t)i * H + (size_t)h * G + g) * D;                                  \
+        for (int c = 0; c < nc; c++)                                                            \
+            for (int e = 0; e < 16; e++) op[16 * c + e] = STORE1(acc[g][c][e] * inv[g]);        \
+    }                                                                                           \
+}
+
+#define CALL(G_, D_) ITEM(G_, D_, q, k, v, out, tab, lens[i], H, KVH, bs, scale, i, h, s)
+
+#define DEFINE_KERNEL(NAME, ITEM, T)                                                            \
+int NAME(const T *q, const T *k, const T *v, T *out, const int32_t *tables, int table_stride,  \
+         const int32_t *lens, int nd, int H, int KVH, int D, int bs, float scale, int nthreads) \
+{                                                                                               \
+    if (D % 16 || D > MAX_D || bs % 16 || H % KVH || H / KVH > MAX_G) return -1;                \
+    const int G = H / KVH;                                                                      \
+    int maxlen = 0;                                                                             \
+    for (int i = 0; i < nd; i++) if (lens[i] > maxlen) maxlen = lens[i];                        \
+    const size_t cap = (size_t)G * (size_t)(maxlen + bs);                                       \
+    int failed = 0;                                                                             \
+    _Pragma("omp parallel num_threads(nthreads)")                                               \
+    {                                                                                           \
+        float *s = malloc(sizeof(float) * cap);                                                 \
+        if (!s) { _Pragma("omp atomic write") failed = 1; }                                     \
+        _Pragma("omp for schedule(dynamic, 1)")                                                 \
+        for (int item = 0; item < nd * KVH; item++) {                                           \
+            if (!s) continue;                                                                   \
+            const int i = item / KVH, h = item % KVH;                                           \
+            const int32_t *tab = tables + (size_t)i * table_stride;                             \
+            if (G == 3 && D == 64) CALL(3, 64);                                                 \
+            else if (G == 1 && D == 64) CALL(1, 64);                                            \
+            else if (G == 4 && D == 64) CALL(4, 64);                                            \
+            else if (G == 1 && D == 128) CALL(1, 128);                                          \
+            else if (G == 2 && D == 128) CALL(2, 128);                                          \
+            else if (G == 4 && D == 128) CALL(4, 128);                                          \
+            else if (G == 8 && D == 128) CALL(8, 128);                                          \
+            else CALL(G, D);                                                                    \
+        }                                                                                       \
+        free(s);                                                                                \
+    }                                                                                           \
+    return failed ? -2 : 0;                                                                     \
+}
+
+DEFINE_ITEM(item_bf16, uint16_t, load16_bf16, bf16_to_f32, f32_to_bf16)
+DEFINE_ITEM(item_f32, float, load16_f32, f32_to_f32, f32_to_f32)
+#define ITEM item_bf16
+DEFINE_KERNEL(paged_decode_bf16, item_bf16, uint16_t)
+#undef ITEM
+#define ITEM item_f32
+DEFINE_KERNEL(paged_decode_f32, item_f32, float)
+#undef ITEM
