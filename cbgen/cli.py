@@ -160,7 +160,7 @@ def bench(
                                   help="Comma list of uniform, real, arrivals, concurrency, busy, coldstart."),
     systems: str = typer.Option("hf,static,generate_batch,cbgen", "--systems",
                                 help="Comma list of hf, static, generate_batch, cbgen-torch, cbgen "
-                                     "(cbgen-torch: cbgen with --attention torch, for A/B)."),
+                                     "(cbgen-torch: without its native kernel and forward, for A/B)."),
     out: str = typer.Option("benchmarks/out", "--out", help="Directory for bench-<timestamp>.json and .png."),
     quick: bool = typer.Option(False, "--quick", help="Small sizes (a smoke test, not a measurement)."),
     hf_max_prompts: Optional[int] = typer.Option(None, "--hf-max-prompts",

@@ -143,6 +143,10 @@ class EngineConfig:
     # (built once with the system C compiler), "torch" = gather + SDPA,
     # "auto" = native when it builds and supports the model's shapes.
     attention: str = "auto"
+    # Model forward: "native" = cbgen's flat-batch llama-family forward (fused
+    # q/k/v and gate/up GEMMs, engine/llama.py), "transformers" = the model's own
+    # modules, "auto" = native for llama / mistral / qwen2, else transformers.
+    model_impl: str = "auto"
 
     def __post_init__(self) -> None:
         _check(_is_int(self.max_num_seqs) and 1 <= self.max_num_seqs <= 4096,
@@ -164,6 +168,8 @@ class EngineConfig:
                "long_prefill_token_threshold", self.long_prefill_token_threshold, "an integer >= 0")
         _check(self.attention in ("auto", "native", "torch"),
                "attention", self.attention, "one of auto, native, torch")
+        _check(self.model_impl in ("auto", "native", "transformers"),
+               "model_impl", self.model_impl, "one of auto, native, transformers")
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ def run_cbgen(make_engine: EngineFactory, wl: Workload, system: str = "cbgen") -
     res = RunResult(system, wl.name, wl.num_requests, wl.num_requests, sum(len(o.token_ids) for o in outs),
                     wall, requests=timings, token_ids=[list(o.token_ids) for o in outs])
     res.notes.append(f"attention={'native' if engine.runner.kernel else 'torch'}, "
+                     f"forward={'native' if engine.runner.native else 'transformers'}, "
                      f"max_num_seqs={engine.config.max_num_seqs}, budget={engine.config.max_num_batched_tokens} "
                      f"tokens/step, {st.num_kv_blocks} KV blocks, {st.num_steps} steps, "
                      f"prefix hit rate {st.prefix_hit_rate:.0%}, "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 SYSTEM_LABELS = {"hf": "HF generate, one at a time", "static": "HF static batching",
                  "generate_batch": "transformers generate_batch",
-                 "cbgen-torch": "cbgen, torch attention (gather + SDPA)", "cbgen": "cbgen"}
+                 "cbgen-torch": "cbgen, pure torch (HF modules, gather + SDPA)", "cbgen": "cbgen"}
 
 
 def _f(v, fmt: str = "{:.2f}") -> str:

@@ -26,7 +26,9 @@ from .measure import RssSampler, RunResult, cpu_pressure, load_avg, max_rss_mb
 from .workloads import DEFAULT_PROMPTS, Workload, load_prompt_ids, real, uniform
 
 SYSTEMS = ("hf", "static", "generate_batch", "cbgen-torch", "cbgen")
-DEFAULT_SYSTEMS = ("hf", "static", "generate_batch", "cbgen")   # cbgen-torch: opt-in A/B of the attention kernel
+# cbgen-torch (opt-in): the engine without its native parts (transformers' modules,
+# gather + SDPA attention), to measure what the kernel and the native forward buy.
+DEFAULT_SYSTEMS = ("hf", "static", "generate_batch", "cbgen")
 WORKLOADS = ("uniform", "real", "arrivals", "concurrency", "busy", "coldstart")
 CBGEN_ONLY = ("arrivals", "concurrency", "busy")
 
@@ -138,9 +140,10 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
         w[name] = {"spec": spec + f", greedy, {wl.num_prompt_tokens} prompt tokens", "systems": []}
     raw: dict[str, dict[str, RunResult]] = {name: {} for name in offline}
 
-    def ecfg(attention: str = "auto") -> EngineConfig:
+    def ecfg(pure_torch: bool = False) -> EngineConfig:
         return EngineConfig(max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_batched_tokens,
-                            kv_cache_gb=opts.kv_cache_gb, attention=attention)
+                            kv_cache_gb=opts.kv_cache_gb, attention="torch" if pure_torch else "auto",
+                            model_impl="transformers" if pure_torch else "auto")
 
     warm = Workload("warmup", prompts[:2], 4, True)
     need_cbgen = "cbgen" in opts.systems and (offline or any(x in opts.workloads for x in CBGEN_ONLY))
@@ -154,8 +157,8 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
             loaded = load()
         model = loaded.model
 
-        def make_engine(_loaded=loaded, _attention="torch" if system == "cbgen-torch" else "auto"):
-            return Engine.from_loaded(_loaded, ecfg(_attention))
+        def make_engine(_loaded=loaded, _pure=system == "cbgen-torch"):
+            return Engine.from_loaded(_loaded, ecfg(_pure))
 
         fn = {"hf": lambda wl: run_hf_sequential(model, wl, opts.hf_max_prompts),
               "static": lambda wl: run_hf_static(model, wl, opts.batch_size),

@@ -74,47 +74,57 @@ def _gather_v(v_cache: torch.Tensor, blocks: torch.Tensor, bs: int) -> torch.Ten
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' AttentionInterface adapter: [1, H, T, D] in, ([1, T, H, D], None) out."""
     batch: PagedBatch | None = kwargs.get("cbgen_batch")
     if batch is None:
         # Called outside the engine (e.g. plain `model.generate` on a model an Engine
         # was built on): behave exactly like transformers' sdpa.
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
-    k_cache, v_cache = batch.kv[module.layer_idx]
-    _, num_heads, T, D = query.shape
-    kvh = key.shape[1]
-    group = num_heads // kvh
-    scale = scaling if scaling is not None else D ** -0.5
-    # Write first: a query may attend to its own token.
-    k_cache[batch.write_blocks, :, :, batch.write_offsets] = key[0].transpose(0, 1)
-    v_cache.index_copy_(0, batch.write_slots, value[0].transpose(0, 1))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = attend(batch, module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
+                 value[0].transpose(0, 1), scale)
+    return out.unsqueeze(0), None
 
-    out = query.new_empty(T, num_heads, D)
+
+def attend(batch: PagedBatch, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           scale: float) -> torch.Tensor:
+    """Write this step's ``k``/``v`` [T, KVH, D] into layer ``layer``'s pool, then attend
+    every query ``q`` [T, H, D] to its own sequence's context. Returns [T, H, D]."""
+    k_cache, v_cache = batch.kv[layer]
+    T, num_heads, D = q.shape
+    kvh = k.shape[1]
+    group = num_heads // kvh
+    # Write first: a query may attend to its own token.
+    k_cache[batch.write_blocks, :, :, batch.write_offsets] = k
+    v_cache.index_copy_(0, batch.write_slots, v)
+
+    out = q.new_empty(T, num_heads, D)
     nd = batch.num_decodes
     if nd and batch.kernel is not None:
-        q = query[0, :, :nd].transpose(0, 1).contiguous()          # [nd, H, D]
-        batch.kernel(q, k_cache, v_cache, out[:nd], batch.decode_tables, batch.decode_lens,
+        batch.kernel(q[:nd].contiguous(), k_cache, v_cache, out[:nd], batch.decode_tables, batch.decode_lens,
                      batch.block_size, scale)
     elif nd:
-        # [H, nd, D] -> [nd, kvh, group, D]: the group plays the role of query length.
-        q = query[0, :, :nd].reshape(kvh, group, nd, D).permute(2, 0, 1, 3)
+        # [nd, H, D] -> [nd, kvh, group, D]: the group plays the role of query length.
+        qd = q[:nd].reshape(nd, kvh, group, D)
         # Slots past a sequence's length in its last block were never written (the
         # pool is torch.empty): zero them, or a NaN there would survive the -inf mask.
-        k = _gather_k(k_cache, batch.decode_tables).masked_fill_(batch.decode_pad, 0)   # [nd, kvh, L, D]
-        v = _gather_v(v_cache, batch.decode_tables, batch.block_size).masked_fill(batch.decode_pad, 0)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.decode_mask, scale=scale)
+        kd = _gather_k(k_cache, batch.decode_tables).masked_fill_(batch.decode_pad, 0)   # [nd, kvh, L, D]
+        vd = _gather_v(v_cache, batch.decode_tables, batch.block_size).masked_fill(batch.decode_pad, 0)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=scale)
         out[:nd] = o.reshape(nd, num_heads, D)
     for c in batch.prefills:
-        q = query[:, :, c.start:c.end]
+        qc = q[c.start:c.end].transpose(0, 1).unsqueeze(0)                       # [1, H, n, D]
         if c.blocks is None:  # nothing cached before this chunk: its own K/V are the whole context
-            k, v = key[:, :, c.start:c.end], value[:, :, c.start:c.end]
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            kc = k[c.start:c.end].transpose(0, 1).unsqueeze(0)
+            vc = v[c.start:c.end].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            k = _gather_k(k_cache, c.blocks)[:, :c.ctx_len].unsqueeze(0)   # [1, kvh, ctx, D]
-            v = _gather_v(v_cache, c.blocks, batch.block_size)[:, :c.ctx_len].unsqueeze(0)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=c.mask, scale=scale, enable_gqa=True)
+            kc = _gather_k(k_cache, c.blocks)[:, :c.ctx_len].unsqueeze(0)   # [1, kvh, ctx, D]
+            vc = _gather_v(v_cache, c.blocks, batch.block_size)[:, :c.ctx_len].unsqueeze(0)
+            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, scale=scale, enable_gqa=True)
         out[c.start:c.end] = o[0].transpose(0, 1)
-    return out.unsqueeze(0), None
+    return out
 
 
 AttentionInterface.register(ATTN_NAME, paged_attention)

@@ -15,6 +15,7 @@ import torch
 from ..config import EngineConfig, cache_root
 from . import paged_kernel
 from .attention import ATTN_NAME, PagedBatch, PrefillChunk
+from .llama import LlamaForward
 from .sampler import SampleResult, sample
 from .scheduler import SchedulerOutput
 
@@ -72,6 +73,7 @@ class ModelRunner:
         self.block_size = bs = cfg.block_size
         self.device = next(model.parameters()).device
         self.kernel = self._pick_kernel(cfg)
+        self.native = self._pick_forward(cfg)
         # Our function reads/writes the paged pool; transformers builds no mask for it.
         model.set_attn_implementation(ATTN_NAME)
         # One extra block at the end, zeroed and never written: padded decode-table
@@ -103,6 +105,16 @@ class ModelRunner:
                         f"heads={geo.num_heads}/{geo.num_kv_heads}, head_dim={geo.head_dim}, "
                         f"block_size={cfg.block_size}")
             raise UnsupportedModelError(f"attention='native' is unavailable: {why}; use 'auto' or 'torch'")
+        return None
+
+    def _pick_forward(self, cfg: EngineConfig) -> LlamaForward | None:
+        if cfg.model_impl == "transformers":
+            return None
+        if LlamaForward.supports(self.model):
+            return LlamaForward.for_model(self.model)
+        if cfg.model_impl == "native":
+            raise UnsupportedModelError(f"model_impl='native' does not support model type "
+                                        f"{self.model.config.model_type!r}; use 'auto' or 'transformers'")
         return None
 
     def _batch(self, out: SchedulerOutput):
@@ -166,6 +178,9 @@ class ModelRunner:
         input_ids, positions, keep, batch = self._batch(out)
         self.num_forward_tokens += input_ids.shape[1]
         samplers = [s.request for s in out.scheduled if s.samples]
+        if self.native is not None:
+            logits = self.native.forward(input_ids[0], positions[0], batch, keep)
+            return sample(logits, samplers) if samplers else SampleResult([], None)
         if not samplers:
             self.model.base_model(input_ids=input_ids, position_ids=positions, use_cache=False, cbgen_batch=batch)
             return SampleResult([], None)
