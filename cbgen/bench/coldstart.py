@@ -77,6 +77,7 @@ t3 = time.perf_counter()
 from cbgen.engine.engine import Engine
 from cbgen.frontends.prompting import encode
 engine = Engine.from_loaded(loaded, EngineConfig())
+import gc; gc.freeze()   # as cbgen run does
 t4 = time.perf_counter()
 engine.generate([encode(loaded.tokenizer, prompt="hi", chat=True)], SamplingParams(max_new_tokens=1))
 t5 = time.perf_counter()

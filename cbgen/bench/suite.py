@@ -111,6 +111,7 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     loaded = load()
+    gc.freeze()
     tok = loaded.tokenizer
     need = max(opts.uniform_n, opts.real_n, opts.arrivals_n, opts.busy + opts.probes, max(opts.concurrency))
     prompts = load_prompt_ids(opts.prompts, tok, limit=need)
@@ -153,8 +154,10 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
         if system == "cbgen" and not need_cbgen:
             continue
         if loaded is None:
+            gc.unfreeze()   # let the previous system's model be collected
             gc.collect()
             loaded = load()
+            gc.freeze()   # as cbgen run does after loading; applies to every system alike
         model = loaded.model
 
         def make_engine(_loaded=loaded, _pure=system == "cbgen-torch"):

@@ -15,7 +15,9 @@ honoured), but:
   at batch 1, because the unpacked path re-lays the weight out on every call.
   A projection is packed only if a probe shows the packed GEMM bit-identical to
   ``F.linear`` on this machine, so packing never changes results. It costs a
-  second copy of those weights (~0.25 GB for a 135M model).
+  second copy of those weights (~0.25 GB for a 135M model) and ~0.3 s (packing
+  plus oneDNN's first-call JIT), so it happens at the first decode step, not at
+  load: a one-prompt, one-token run (the cold-start case) never pays for it.
 
 Contract: ``LlamaForward.supports(model)`` says whether it applies; ``forward``
 takes the flat token ids / positions of one step and returns logits at ``keep``
@@ -37,13 +39,14 @@ NATIVE_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 class _Proj:
     """y = x W^T + b, through a pre-packed oneDNN weight where that is exact (see above)."""
 
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, pack: bool) -> None:
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
         self.w, self.b, self.packed = w, b, None
-        if pack:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w)
-            probe = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.dtype)
-            if torch.equal(self._packed(probe, packed), F.linear(probe, w, b)):
-                self.packed = packed
+
+    def pack(self) -> None:
+        packed = torch.ops.mkldnn._reorder_linear_weight(self.w)
+        probe = torch.randn(3, self.w.shape[1], generator=torch.Generator().manual_seed(0)).to(self.w.dtype)
+        if torch.equal(self._packed(probe, packed), F.linear(probe, self.w, self.b)):
+            self.packed = packed
 
     def _packed(self, x: torch.Tensor, packed) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.b, "none", [], "")
@@ -131,7 +134,7 @@ class LlamaForward:
         self.rotary = base.rotary_emb
         self.norm = base.norm.weight
         self.eps = base.norm.variance_epsilon
-        pack = _can_pack(model)
+        self.pack_pending = _can_pack(model)
         self.num_heads = c.num_attention_heads
         self.num_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -139,19 +142,30 @@ class LlamaForward:
         self.scale = base.layers[0].self_attn.scaling
         self.layers = []
         with torch.no_grad():
-            self.lm_head = _Proj(model.lm_head.weight.detach(), None, pack)
+            self.lm_head = _Proj(model.lm_head.weight.detach(), None)
             for layer in base.layers[:c.num_hidden_layers]:
                 a, m = layer.self_attn, layer.mlp
                 self.layers.append(_Layer(
-                    layer.input_layernorm.weight, _Proj(*_fuse([a.q_proj, a.k_proj, a.v_proj]), pack),
-                    _Proj(a.o_proj.weight.detach(), a.o_proj.bias, pack), layer.post_attention_layernorm.weight,
-                    _Proj(*_fuse([m.gate_proj, m.up_proj]), pack),
-                    _Proj(m.down_proj.weight.detach(), m.down_proj.bias, pack)))
+                    layer.input_layernorm.weight, _Proj(*_fuse([a.q_proj, a.k_proj, a.v_proj])),
+                    _Proj(a.o_proj.weight.detach(), a.o_proj.bias), layer.post_attention_layernorm.weight,
+                    _Proj(*_fuse([m.gate_proj, m.up_proj])), _Proj(m.down_proj.weight.detach(), m.down_proj.bias)))
+
+    def projections(self) -> list[_Proj]:
+        return [self.lm_head] + [p for L in self.layers for p in (L.qkv, L.o, L.gate_up, L.down)]
+
+    def pack(self) -> None:
+        """Pre-pack every bf16 projection (see the module docstring); idempotent."""
+        self.pack_pending = False
+        with torch.no_grad():
+            for p in self.projections():
+                p.pack()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch,
                 keep: torch.Tensor) -> torch.Tensor | None:
         """ids, positions: [T]; keep: rows to return logits for. Returns [len(keep), V] or None."""
+        if self.pack_pending and batch.num_decodes:
+            self.pack()
         T = ids.shape[0]
         H, KVH, D, I = self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate
         qd, kd = H * D, KVH * D
