@@ -5,7 +5,7 @@ root), chat template applied, run all at once through the engine (``--max-num-se
 running together, so requests join and leave mid-flight), each for exactly
 ``--max-new-tokens`` greedy tokens (EOS suppressed on both sides, as HF's
 ``min_new_tokens`` does; ``--natural`` lets EOS end a sequence instead). Both sides run
-in float32 on the same model object.
+in float32 on the same checkpoint (the engine loads it as `cbgen run` does, HF as transformers).
 
 Prints the figure (identical prompts / total) and, for each mismatch, the first
 diverging position with HF's top-2 logit gap there (a gap near 0 is a numerical
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--attention", default="auto", choices=["auto", "native", "torch"],
                     help="engine decode attention (EngineConfig.attention)")
+    ap.add_argument("--impl", default="auto", choices=["auto", "native", "transformers"],
+                    help="how the engine's model is loaded (ModelConfig.impl)")
     ap.add_argument("--natural", action="store_true", help="let EOS end sequences (default: exact length)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "fidelity.json")
     args = ap.parse_args(argv)
@@ -70,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     from cbgen.engine.engine import Engine
     from cbgen.models import load_model
 
-    loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, device="cpu"),
+    # The engine gets the model as `cbgen run` loads it (natively where possible);
+    # HF generate needs transformers' model class: a second load of the same files.
+    loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, device="cpu", impl=args.impl),
                         status=lambda m: print(f"[model] {m}", file=sys.stderr))
-    model, tok = loaded.model, loaded.tokenizer
+    model = load_model(ModelConfig(model=args.model, dtype=args.dtype, device="cpu", impl="transformers")).model
+    tok = loaded.tokenizer
     prompts = load_prompts(args.prompts, tok, args.num_prompts)
     n_new = args.max_new_tokens
     print(f"{loaded.name} {loaded.dtype} threads={torch.get_num_threads()}: {len(prompts)} prompts "
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = eng.stats()
     print(f"engine: {engine_s:.1f} s, {stats.num_steps} steps, {stats.num_generated_tokens} tokens", file=sys.stderr)
 
-    # HF one at a time, in its own attention (the engine replaced it on the shared model).
+    # HF one at a time, in its own attention (if the engine shared this model it replaced it).
     model.set_attn_implementation("sdpa")
     t0 = time.perf_counter()
     rows = []

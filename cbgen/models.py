@@ -333,20 +333,107 @@ def eos_token_ids(tokenizer: Any, model: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
+def _native_config(path: Path) -> tuple[dict, str | None]:
+    """config.json and, if cbgen's native forward cannot run this checkpoint, why not."""
+    try:
+        c = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return {}, f"config.json unreadable ({_one_line(e)})"
+    from cbgen.engine.llama import NATIVE_MODEL_TYPES
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    why = (f"model_type {c.get('model_type')!r}" if c.get("model_type") not in NATIVE_MODEL_TYPES else
+           f"hidden_act {c.get('hidden_act')!r}" if c.get("hidden_act", "silu") != "silu" else
+           "a quantized checkpoint" if c.get("quantization_config") else
+           f"rope_type {rope_type!r}" if rope_type != "default" else
+           "no model.safetensors" if not (path / "model.safetensors").is_file()
+           and not (path / "model.safetensors.index.json").is_file() else None)
+    return c, why
+
+
+def _load_native(path: Path, c: dict, dtype: "torch.dtype", device: "torch.device") -> Any:
+    """A NativeLlama from ``path``'s config.json and safetensors, cast to ``dtype`` on ``device``."""
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors import safe_open
+
+    from cbgen.engine.llama import LlamaForward, NativeLlama
+
+    index = path / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
+    handles = [safe_open(str(path / f), framework="pt") for f in files]
+    where = {k: h for h in handles for k in h.keys()}
+
+    def get(name: str):
+        h = where.get(name)
+        return None if h is None else h.get_tensor(name).to(device=device, dtype=dtype)
+
+    rope = c.get("rope_parameters") or {}
+    spec = SimpleNamespace(**{
+        **c, "head_dim": c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+        "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+        "rms_norm_eps": float(c.get("rms_norm_eps", 1e-6)),
+        "max_position_embeddings": int(c.get("max_position_embeddings", 2048)),
+        "tie_word_embeddings": bool(c.get("tie_word_embeddings", False)),
+        "num_key_value_heads": c.get("num_key_value_heads") or c["num_attention_heads"],
+        "architectures": c.get("architectures") or ["LlamaForCausalLM"],
+        "sliding_window": c.get("sliding_window") if c.get("use_sliding_window", True) else None})
+    with torch.no_grad():
+        missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in where]
+        if not spec.tie_word_embeddings and "lm_head.weight" not in where:
+            missing.append("lm_head.weight")
+        if missing:
+            raise ModelError(f"cannot load {path}: weights missing from the safetensors: {', '.join(missing)}")
+        impl = LlamaForward.from_tensors(spec, get)
+    gen = {}
+    if (path / "generation_config.json").is_file():
+        gen = json.loads((path / "generation_config.json").read_text())
+    gen_ns = SimpleNamespace(eos_token_id=gen.get("eos_token_id", c.get("eos_token_id")),
+                             pad_token_id=gen.get("pad_token_id", c.get("pad_token_id")),
+                             bos_token_id=gen.get("bos_token_id", c.get("bos_token_id")))
+    return NativeLlama(spec, gen_ns, impl)
+
+
+def _generic_tokenizer(path: Path, model_type: str | None) -> bool:
+    """True where AutoTokenizer would resolve to transformers' generic ``TokenizersBackend``:
+    a llama checkpoint whose tokenizer_config.json names the generic class (SmolLM2 does).
+    AutoTokenizer first imports the model's config class to decide, ~0.7 s of start-up."""
+    try:
+        tc = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (model_type == "llama" and tc.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast")
+            and "auto_map" not in tc and (path / "tokenizer.json").is_file())
+
+
+def _load_tokenizer(path: Path, model_type: str | None = None) -> Any:
+    try:
+        if _generic_tokenizer(path, model_type):
+            from transformers import TokenizersBackend
+            tokenizer = TokenizersBackend.from_pretrained(path, local_files_only=True)
+        else:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise ModelError(f"cannot load the tokenizer from {path}: {_one_line(e)}") from e
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"{path} has no fast tokenizer (tokenizer.json); cbgen needs one")
+    return tokenizer
+
+
 def _load_dir(path: Path, dtype: "torch.dtype", device: "torch.device") -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
         with _quiet_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, attn_implementation="sdpa", local_files_only=True,
                 device_map=str(device) if device.type != "cpu" else None)
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
         raise ModelError(f"cannot load a causal LM from {path}: {_one_line(e)}") from e
-    if not getattr(tokenizer, "is_fast", False):
-        raise ModelError(f"{path} has no fast tokenizer (tokenizer.json); cbgen needs one")
-    return model.eval(), tokenizer
+    return model.eval(), _load_tokenizer(path)
 
 
 def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel:
@@ -371,9 +458,22 @@ def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel
             _convert_gguf(res.path, res.cache_path, status)
             converted = True
         path = res.cache_path
-    model, tokenizer = _load_dir(path, dtype, device)
-
-    cfg_text = model.config.get_text_config(decoder=True)
+    model = None
+    if cfg.impl != "transformers":
+        conf, why_not = _native_config(path)
+        if why_not is None:
+            try:
+                model = _load_native(path, conf, dtype, device)
+            except (OSError, KeyError, ValueError, RuntimeError) as e:
+                raise ModelError(f"cannot load {path}: {_one_line(e)}") from e
+        elif cfg.impl == "native":
+            raise ModelError(f"{path}: impl=native does not support {why_not}; use impl=auto or transformers")
+    if model is None:
+        model, tokenizer = _load_dir(path, dtype, device)
+        cfg_text = model.config.get_text_config(decoder=True)
+    else:
+        tokenizer = _load_tokenizer(path, model.config.model_type)
+        cfg_text = model.config
     max_len = int(getattr(cfg_text, "max_position_embeddings", 0) or tokenizer.model_max_length)
     if tokenizer.model_max_length > max_len:  # the "unset" sentinel is 1e30
         tokenizer.model_max_length = max_len
@@ -401,7 +501,7 @@ def model_info(loaded: LoadedModel) -> dict[str, Any]:
         "source": loaded.source,
         "path": str(loaded.path),
         "origin": str(loaded.origin),
-        "architecture": (config.architectures or [type(loaded.model).__name__])[0],
+        "architecture": (getattr(config, "architectures", None) or [type(loaded.model).__name__])[0],
         "model_type": config.model_type,
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "dtype": str(loaded.dtype).removeprefix("torch."),
@@ -411,7 +511,9 @@ def model_info(loaded: LoadedModel) -> dict[str, Any]:
         "vocab_size": len(loaded.tokenizer),
         "eos_token_ids": list(eos_token_ids(loaded.tokenizer, loaded.model)),
         "chat_template": loaded.has_chat_template,
-        "attn_implementation": config._attn_implementation,
+        "implementation": ("cbgen native forward (no transformers modules)"
+                           if type(loaded.model).__name__ == "NativeLlama" else
+                           f"transformers, attention {config._attn_implementation}"),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

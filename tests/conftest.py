@@ -88,10 +88,11 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir):
-    """``load_model`` of ``tiny_model_dir`` in float32 on CPU."""
+    """``load_model`` of ``tiny_model_dir`` in float32 on CPU, as a transformers model (tests
+    use it both for the engine and as the HF ``generate`` reference)."""
     from cbgen.models import load_model
 
-    return load_model(ModelConfig(model=str(tiny_model_dir), dtype="float32", device="cpu"))
+    return load_model(ModelConfig(model=str(tiny_model_dir), dtype="float32", device="cpu", impl="transformers"))
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +105,7 @@ def embedded_model():
     from cbgen.models import ModelError, load_model
 
     try:
-        return load_model(ModelConfig(dtype="float32", device="cpu"),
+        return load_model(ModelConfig(dtype="float32", device="cpu", impl="transformers"),
                           status=lambda msg: print(f"[cbgen] {msg}"))
     except ModelError as e:
         pytest.skip(f"embedded model unavailable: {e}")

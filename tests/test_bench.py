@@ -35,8 +35,8 @@ def test_bench_quick_on_tiny_model(tiny_loaded, prompt_file, tmp_path, one_threa
     from cbgen.bench.report import markdown
     from cbgen.models import load_model
 
-    def load():  # a fresh copy per system: cbgen and generate_batch switch the attention implementation
-        return load_model(ModelConfig(model=str(tiny_loaded.path), dtype="float32", device="cpu"))
+    def load(impl):  # a fresh copy per system: cbgen and generate_batch switch the attention implementation
+        return load_model(ModelConfig(model=str(tiny_loaded.path), dtype="float32", device="cpu", impl=impl))
 
     opts = BenchOptions.quick(prompts=str(prompt_file), out=str(tmp_path), uniform_n=4, uniform_m=6, real_n=4,
                               real_max_new_tokens=8, batch_size=2, hf_max_prompts=2, arrivals_n=4, rate=50.0,

@@ -152,10 +152,11 @@ def _popen(args, **kw):
 
 def test_stdin_lines_join_a_batch_that_is_already_decoding(base_args):
     p = _popen(["-", *base_args])
-    slow = {"id": "slow", "prompt": "a", "max_new_tokens": 1500, "ignore_eos": True}
+    # ~2 s of decoding on the tiny model (1 ms a token): it must still run when the late lines finish.
+    slow = {"id": "slow", "prompt": "a", "max_new_tokens": 2000, "ignore_eos": True}
     p.stdin.write((json.dumps(slow) + "\n").encode())
     p.stdin.flush()
-    time.sleep(2.0)  # the slow request is decoding by now (model load included)
+    time.sleep(1.0)  # the slow request is decoding by now (model load included, ~0.5 s)
     for i in range(3):
         p.stdin.write((json.dumps({"id": f"late{i}", "prompt": "b", "max_new_tokens": 3}) + "\n").encode())
         p.stdin.flush()
@@ -168,7 +169,7 @@ def test_stdin_lines_join_a_batch_that_is_already_decoding(base_args):
     rest = _records(p.stdout.read().decode())
     p.wait(timeout=120)
     assert [r["id"] for r in rest] == ["slow"]
-    assert rest[0]["usage"]["completion_tokens"] == 1500
+    assert rest[0]["usage"]["completion_tokens"] == 2000
     # Late lines were admitted at once, not after the slow one: short queue time.
     assert all(r["timings"]["queue_s"] < 1.0 for r in first)
 

@@ -66,7 +66,7 @@ def test_bf16_engine_packs_and_agrees_with_transformers_forward(sharp):
     model = sharpen(sharp.model).to(torch.bfloat16)
     loaded = dataclasses.replace(sharp, model=model, dtype=torch.bfloat16)
     eng, _, native = greedy_all(loaded, model_impl="native")
-    if _can_pack(model):   # packed at the first decode step
+    if _can_pack(model.dtype, model.device):   # packed at the first decode step
         assert all(p.packed is not None for p in eng.runner.native.projections())
     _, _, hf_modules = greedy_all(loaded, model_impl="transformers")
     # Same math op for op; bf16 GEMM shapes differ (fused q/k/v), so allow a rare late flip.
@@ -93,3 +93,76 @@ def test_model_without_native_forward_uses_transformers_modules(tiny_qwen3):
     assert got == [hf_greedy(tiny_qwen3.model, p, 10) for p in ps]
     with pytest.raises(UnsupportedModelError, match="model_impl='native' does not support model type 'qwen3'"):
         Engine.from_loaded(tiny_qwen3, EngineConfig(model_impl="native"))
+
+
+# ---- loading without transformers' modelling code (models.py, impl="native") ----
+
+@pytest.fixture(scope="module")
+def sharp_dir(sharp, tmp_path_factory):
+    path = tmp_path_factory.mktemp("sharp-llama")
+    sharp.model.save_pretrained(path)
+    sharp.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_native_load_matches_hf_greedy(sharp, sharp_dir):
+    from cbgen.config import ModelConfig
+    from cbgen.engine.llama import NativeLlama
+    from cbgen.models import load_model, model_info
+
+    loaded = load_model(ModelConfig(model=str(sharp_dir), dtype="float32", device="cpu"))   # impl auto
+    assert isinstance(loaded.model, NativeLlama)
+    info = model_info(loaded)
+    assert info["implementation"].startswith("cbgen native")
+    assert info["parameters"] == sum(p.numel() for p in sharp.model.parameters())
+    assert loaded.max_model_len == sharp.max_model_len
+    _, ps, got = greedy_all(loaded)
+    assert got == [hf_greedy(sharp.model, p, 10) for p in ps]
+    with pytest.raises(UnsupportedModelError, match="model_impl='transformers' needs a model loaded by"):
+        Engine.from_loaded(loaded, EngineConfig(model_impl="transformers"))
+
+
+def test_native_load_refuses_what_it_cannot_run(tiny_qwen3, tmp_path):
+    from cbgen.config import ModelConfig
+    from cbgen.models import ModelError, load_model
+
+    tiny_qwen3.model.save_pretrained(tmp_path)
+    tiny_qwen3.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="impl=native does not support model_type 'qwen3'"):
+        load_model(ModelConfig(model=str(tmp_path), dtype="float32", device="cpu", impl="native"))
+    auto = load_model(ModelConfig(model=str(tmp_path), dtype="float32", device="cpu"))
+    assert type(auto.model).__name__ == "Qwen3ForCausalLM"
+
+
+def test_native_run_never_imports_transformers_modelling(sharp_dir):
+    """The start-up saving is real: a whole native run leaves modeling_utils unimported."""
+    import subprocess
+    import sys
+    code = f"""
+import sys
+from cbgen.config import EngineConfig, ModelConfig, SamplingParams
+from cbgen.engine.engine import Engine
+from cbgen.models import load_model
+loaded = load_model(ModelConfig(model={str(sharp_dir)!r}, dtype="float32", device="cpu"))
+out = Engine.from_loaded(loaded).generate([loaded.tokenizer.encode("hi")], SamplingParams(max_new_tokens=3))
+assert len(out[0].token_ids) >= 1
+print(sorted(m for m in sys.modules if m.startswith("transformers.model")))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-800:]
+    assert "transformers.modeling_utils" not in proc.stdout, proc.stdout
+
+
+def test_generic_tokenizer_shortcut_is_what_autotokenizer_gives(sharp_dir):
+    from transformers import AutoTokenizer
+
+    from cbgen.models import _generic_tokenizer, _load_tokenizer
+
+    assert _generic_tokenizer(sharp_dir, "llama") and not _generic_tokenizer(sharp_dir, "qwen2")
+    fast, auto = _load_tokenizer(sharp_dir, "llama"), AutoTokenizer.from_pretrained(sharp_dir)
+    assert type(fast) is type(auto)
+    msgs = [{"role": "user", "content": "What is 2+2? <|im_end|> café"}]
+    assert fast.apply_chat_template(msgs, add_generation_prompt=True) == \
+        auto.apply_chat_template(msgs, add_generation_prompt=True)
+    assert (fast.eos_token_id, fast.bos_token_id, fast.pad_token_id, len(fast)) == \
+        (auto.eos_token_id, auto.bos_token_id, auto.pad_token_id, len(auto))

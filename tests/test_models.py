@@ -19,8 +19,9 @@ from cbgen.models import ModelError, load_model, model_info, pick_dtype, resolve
 
 
 def load(spec, cache, **kw):
+    """As a transformers model: these tests compare state dicts (native loading: test_llama_forward.py)."""
     return load_model(ModelConfig(model=str(spec), dtype="float32", device="cpu",
-                                  cache_dir=str(cache)), **kw)
+                                  cache_dir=str(cache), impl="transformers"), **kw)
 
 
 def assert_one_line_error(exc_info, *needles):
@@ -38,8 +39,9 @@ def gguf_dir_entries(cache: Path) -> list[str]:
 # --- local dir -------------------------------------------------------------------------------
 
 def test_tiny_dir_loads(tiny_model_dir):
-    # A fresh load: the session-wide `tiny_loaded` may already serve an Engine (paged attention).
-    m = load_model(ModelConfig(model=str(tiny_model_dir), dtype="float32", device="cpu"))
+    # transformers path (the native one is in test_llama_forward.py). A fresh load: the session-wide
+    # `tiny_loaded` may already serve an Engine (paged attention).
+    m = load_model(ModelConfig(model=str(tiny_model_dir), dtype="float32", device="cpu", impl="transformers"))
     assert (m.source, m.path, m.name) == ("dir", tiny_model_dir.resolve(), tiny_model_dir.name)
     assert m.dtype == torch.float32 and m.dtype_reason == "requested"
     assert next(m.model.parameters()).dtype == torch.float32

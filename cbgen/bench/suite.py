@@ -96,8 +96,10 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
               write: bool = True) -> dict:
     """Run the benchmark; returns the result dict (and writes JSON + PNG under ``opts.out``).
 
-    ``load`` is a zero-argument factory returning a fresh ``LoadedModel``
-    (default: ``load_model`` of ``opts.model`` / ``opts.dtype`` / ``opts.threads``).
+    ``load(impl)`` returns a fresh ``LoadedModel`` (default: ``load_model`` of
+    ``opts.model`` / ``opts.dtype`` / ``opts.threads``); impl is "transformers" for the
+    baselines (they need transformers' model classes) and "auto" for cbgen, which
+    loads the checkpoint as ``cbgen run`` does.
     """
     import torch
     import transformers
@@ -106,11 +108,11 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
     from ..models import load_model
 
     if load is None:
-        def load():
-            return load_model(ModelConfig(model=opts.model, dtype=opts.dtype, threads=opts.threads))
+        def load(impl: str):
+            return load_model(ModelConfig(model=opts.model, dtype=opts.dtype, threads=opts.threads, impl=impl))
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    loaded = load()
+    loaded = load("transformers")
     gc.freeze()
     tok = loaded.tokenizer
     need = max(opts.uniform_n, opts.real_n, opts.arrivals_n, opts.busy + opts.probes, max(opts.concurrency))
@@ -153,10 +155,11 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
             continue
         if system == "cbgen" and not need_cbgen:
             continue
-        if loaded is None:
+        if loaded is None or (system == "cbgen") != (type(loaded.model).__name__ == "NativeLlama"):
+            loaded = model = None
             gc.unfreeze()   # let the previous system's model be collected
             gc.collect()
-            loaded = load()
+            loaded = load("auto" if system == "cbgen" else "transformers")
             gc.freeze()   # as cbgen run does after loading; applies to every system alike
         model = loaded.model
 

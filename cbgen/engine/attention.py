@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .paged_kernel import PagedDecodeKernel
 
@@ -79,6 +77,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     if batch is None:
         # Called outside the engine (e.g. plain `model.generate` on a model an Engine
         # was built on): behave exactly like transformers' sdpa.
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -127,4 +126,10 @@ def attend(batch: PagedBatch, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     return out
 
 
-AttentionInterface.register(ATTN_NAME, paged_attention)
+def register() -> str:
+    """Register ``paged_attention`` with transformers (for models run through their own
+    modules) and return its name. Imported lazily: transformers' modelling stack costs
+    ~1.5 s of start-up that natively loaded models never pay."""
+    from transformers import AttentionInterface
+    AttentionInterface.register(ATTN_NAME, paged_attention)
+    return ATTN_NAME

@@ -1,5 +1,8 @@
 """A flat-batch forward for llama-family weights (llama, mistral, qwen2), used instead
-of transformers' module tree when the model allows it.
+of transformers' module tree when the model allows it, and ``NativeLlama``, the
+model object for checkpoints loaded without transformers' modelling code at all
+(models.py does that for plain-RoPE llama-family dirs: it saves ~1.5 s of
+imports at start-up).
 
 Same math as transformers' LlamaModel, op for op where rounding matters (RMSNorm
 in float32 then cast, then the weight; RoPE as q*cos + rotate_half(q)*sin, taking
@@ -19,14 +22,16 @@ honoured), but:
   plus oneDNN's first-call JIT), so it happens at the first decode step, not at
   load: a one-prompt, one-token run (the cold-start case) never pays for it.
 
-Contract: ``LlamaForward.supports(model)`` says whether it applies; ``forward``
-takes the flat token ids / positions of one step and returns logits at ``keep``
-(or None when ``keep`` is empty: a prefill-only step).
+Contract: ``LlamaForward.supports(model)`` says whether it applies to a
+transformers model; ``forward`` takes the flat token ids / positions of one step
+and returns logits at ``keep`` (or None when ``keep`` is empty: a prefill-only step).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +60,8 @@ class _Proj:
         return F.linear(x, self.w, self.b) if self.packed is None else self._packed(x, self.packed)
 
 
-def _can_pack(model) -> bool:
-    return (model.dtype == torch.bfloat16 and next(model.parameters()).device.type == "cpu"
+def _can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    return (dtype == torch.bfloat16 and device.type == "cpu"
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
@@ -88,6 +93,10 @@ def _fuse(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w, b
 
 
+def _head_dim(c) -> int:
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -100,9 +109,24 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (x * cos) + (rotated * sin)
 
 
+class DefaultRope:
+    """transformers' default RoPE (rope_type "default"), op for op: same cos/sin bits."""
+
+    def __init__(self, theta: float, head_dim: int) -> None:
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq.to(device=x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
 class LlamaForward:
     @staticmethod
     def supports(model) -> bool:
+        """Whether a transformers model can run through this forward."""
+        if isinstance(model, NativeLlama):
+            return True
         c = model.config
         if c.model_type not in NATIVE_MODEL_TYPES or getattr(c, "hidden_act", "silu") != "silu":
             return False
@@ -116,9 +140,11 @@ class LlamaForward:
 
         Rebuilt when the model's weights moved since (``model.to(dtype)`` or a deepcopy
         replaces the tensors the fused views point into)."""
+        if isinstance(model, NativeLlama):
+            return model.impl
         inst = getattr(model, "_cbgen_llama_forward", None)
         if inst is None or not inst._current(model):
-            inst = cls(model)
+            inst = cls.from_hf(model)
             model._cbgen_llama_forward = inst
         return inst
 
@@ -127,28 +153,54 @@ class LlamaForward:
         return (self.embed.data_ptr() == model.model.embed_tokens.weight.data_ptr()
                 and q.data_ptr() == self.layers[0].qkv.w.data_ptr() and q.dtype == self.layers[0].qkv.w.dtype)
 
-    def __init__(self, model) -> None:
-        c = model.config
-        base = model.model
-        self.embed = base.embed_tokens.weight
-        self.rotary = base.rotary_emb
-        self.norm = base.norm.weight
-        self.eps = base.norm.variance_epsilon
-        self.pack_pending = _can_pack(model)
-        self.num_heads = c.num_attention_heads
-        self.num_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        self.intermediate = c.intermediate_size
-        self.scale = base.layers[0].self_attn.scaling
-        self.layers = []
+    @classmethod
+    def from_hf(cls, model) -> "LlamaForward":
+        """Over a transformers model's own weights; q/k/v and gate/up become views of fused tensors."""
+        c, base = model.config, model.model
+        layers = []
         with torch.no_grad():
-            self.lm_head = _Proj(model.lm_head.weight.detach(), None)
             for layer in base.layers[:c.num_hidden_layers]:
                 a, m = layer.self_attn, layer.mlp
-                self.layers.append(_Layer(
+                layers.append(_Layer(
                     layer.input_layernorm.weight, _Proj(*_fuse([a.q_proj, a.k_proj, a.v_proj])),
                     _Proj(a.o_proj.weight.detach(), a.o_proj.bias), layer.post_attention_layernorm.weight,
                     _Proj(*_fuse([m.gate_proj, m.up_proj])), _Proj(m.down_proj.weight.detach(), m.down_proj.bias)))
+            lm_head = _Proj(model.lm_head.weight.detach(), None)
+        spec = SimpleNamespace(**{**c.to_dict(), "head_dim": _head_dim(c)})
+        embed = base.embed_tokens.weight
+        return cls(spec, embed, base.rotary_emb, layers, base.norm.weight, base.norm.variance_epsilon, lm_head,
+                   base.layers[0].self_attn.scaling, _can_pack(embed.dtype, embed.device))
+
+    @classmethod
+    def from_tensors(cls, c: SimpleNamespace, get: Callable[[str], torch.Tensor | None]) -> "LlamaForward":
+        """From checkpoint tensors by their transformers names (``get`` returns None if absent),
+        already in the target dtype and device."""
+        def proj(*names: str) -> _Proj:
+            ws = [get(f"{n}.weight") for n in names]
+            bs = [get(f"{n}.bias") for n in names]
+            w = ws[0] if len(ws) == 1 else torch.cat(ws)
+            b = None if bs[0] is None else bs[0] if len(bs) == 1 else torch.cat(bs)
+            return _Proj(w, b)
+        layers = []
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            layers.append(_Layer(get(p + "input_layernorm.weight"),
+                                 proj(*(p + f"self_attn.{x}_proj" for x in "qkv")), proj(p + "self_attn.o_proj"),
+                                 get(p + "post_attention_layernorm.weight"),
+                                 proj(p + "mlp.gate_proj", p + "mlp.up_proj"), proj(p + "mlp.down_proj")))
+        embed = get("model.embed_tokens.weight")
+        head = embed if c.tie_word_embeddings else get("lm_head.weight")
+        return cls(c, embed, DefaultRope(c.rope_theta, c.head_dim), layers, get("model.norm.weight"),
+                   c.rms_norm_eps, _Proj(head, None), c.head_dim ** -0.5, _can_pack(embed.dtype, embed.device))
+
+    def __init__(self, c, embed: torch.Tensor, rotary, layers: list[_Layer], norm: torch.Tensor, eps: float,
+                 lm_head: _Proj, scale: float, pack: bool) -> None:
+        self.embed, self.rotary, self.layers, self.norm, self.eps = embed, rotary, layers, norm, eps
+        self.lm_head, self.scale, self.pack_pending = lm_head, scale, pack
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        self.head_dim = c.head_dim
+        self.intermediate = c.intermediate_size
 
     def projections(self) -> list[_Proj]:
         return [self.lm_head] + [p for L in self.layers for p in (L.qkv, L.o, L.gate_up, L.down)]
@@ -185,3 +237,31 @@ class LlamaForward:
         if keep.numel() == 0:
             return None
         return self.lm_head(_rms(h[keep], self.norm, eps))
+
+
+class NativeLlama:
+    """A llama-family checkpoint loaded without transformers' modelling code.
+
+    Offers what the engine and front-ends read from a model: ``config`` (the
+    config.json fields as attributes), ``generation_config``, ``dtype``,
+    ``parameters()``; the forward itself is ``impl`` (a LlamaForward). It
+    cannot ``generate`` on its own: the engine is its only driver.
+    """
+
+    def __init__(self, config: SimpleNamespace, generation_config: SimpleNamespace, impl: LlamaForward) -> None:
+        self.config, self.generation_config, self.impl = config, generation_config, impl
+        self.dtype = impl.embed.dtype
+        self.device = impl.embed.device
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        """Each distinct weight once (a tied LM head is the embedding)."""
+        yield self.impl.embed
+        for L in self.impl.layers:
+            yield from (L.in_norm, L.post_norm)
+            for p in (L.qkv, L.o, L.gate_up, L.down):
+                yield p.w
+                if p.b is not None:
+                    yield p.b
+        yield self.impl.norm
+        if self.impl.lm_head.w is not self.impl.embed:
+            yield self.impl.lm_head.w

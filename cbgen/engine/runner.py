@@ -14,8 +14,9 @@ import torch
 
 from ..config import EngineConfig, cache_root
 from . import paged_kernel
-from .attention import ATTN_NAME, PagedBatch, PrefillChunk
-from .llama import LlamaForward
+from . import attention
+from .attention import PagedBatch, PrefillChunk
+from .llama import LlamaForward, NativeLlama
 from .sampler import SampleResult, sample
 from .scheduler import SchedulerOutput
 
@@ -74,8 +75,9 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.kernel = self._pick_kernel(cfg)
         self.native = self._pick_forward(cfg)
-        # Our function reads/writes the paged pool; transformers builds no mask for it.
-        model.set_attn_implementation(ATTN_NAME)
+        if self.native is None:
+            # Our function reads/writes the paged pool; transformers builds no mask for it.
+            model.set_attn_implementation(attention.register())
         # One extra block at the end, zeroed and never written: padded decode-table
         # entries point at it (the kernel never reads them; the torch path gathers
         # and then zeroes every position past a sequence's length).
@@ -109,6 +111,9 @@ class ModelRunner:
 
     def _pick_forward(self, cfg: EngineConfig) -> LlamaForward | None:
         if cfg.model_impl == "transformers":
+            if isinstance(self.model, NativeLlama):
+                raise UnsupportedModelError("model_impl='transformers' needs a model loaded by transformers "
+                                            "(this one was loaded natively; load it with impl='transformers')")
             return None
         if LlamaForward.supports(self.model):
             return LlamaForward.for_model(self.model)
