@@ -80,7 +80,7 @@ def test_kernel_refuses_unsupported_shapes(kernel):
     assert not kernel.supports(torch.float32, 32, 2, 64, 16)   # 16 query heads per KV head
 
 
-def test_native_attention_unsupported_is_a_clear_error(sharp):
+def test_native_attention_unsupported_is_a_clear_error(sharp, kernel):
     with pytest.raises(UnsupportedModelError, match="attention='native' is unavailable.*block_size=4"):
         Engine.from_loaded(sharp, EngineConfig(block_size=4, attention="native"))
     assert Engine.from_loaded(sharp, EngineConfig(block_size=4)).runner.kernel is None   # auto: torch path
@@ -92,6 +92,7 @@ def test_kernel_can_be_switched_off(monkeypatch, tmp_path):
 
 
 def test_build_failure_falls_back_with_a_note(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("CBGEN_NATIVE_KERNEL", raising=False)
     monkeypatch.setenv("CC", "/bin/false")
     assert paged_kernel.load(tmp_path / "fresh") is None
     assert "native attention kernel unavailable" in capsys.readouterr().err
@@ -100,10 +101,11 @@ def test_build_failure_falls_back_with_a_note(monkeypatch, tmp_path, capsys):
 @pytest.mark.parametrize("attention", ["native", "torch"])
 def test_unwritten_pool_memory_is_never_read(sharp, attention):
     """The pool is torch.empty; fill it with NaN and the engine must still match HF."""
-    from helpers import hf_greedy
+    from helpers import hf_greedy, skip_without_native_kernel
 
     from cbgen.config import SamplingParams
 
+    skip_without_native_kernel(attention)
     tok = sharp.tokenizer
     eng = Engine.from_loaded(sharp, EngineConfig(max_num_seqs=4, attention=attention))
     bs = eng.config.block_size
@@ -114,3 +116,4 @@ def test_unwritten_pool_memory_is_never_read(sharp, attention):
     ps = [tok.encode(t) for t in texts]
     outs = eng.generate(ps, [SamplingParams(max_new_tokens=12, min_new_tokens=12)] * len(ps))
     assert [o.token_ids for o in outs] == [hf_greedy(sharp.model, p, 12) for p in ps]
+

@@ -13,7 +13,7 @@ import random
 from collections import defaultdict
 
 import pytest
-from helpers import hf_greedy
+from helpers import hf_greedy, skip_without_native_kernel
 import torch
 
 from cbgen.config import EngineConfig, SamplingParams
@@ -370,6 +370,7 @@ def test_invalid_sampling_values_name_the_field(field, value):
 
 @pytest.mark.parametrize("attention", ["native", "torch"])
 def test_greedy_matches_hf_generate_with_requests_joining_and_leaving(sharp, tok, attention):
+    skip_without_native_kernel(attention)
     ps = prompts(tok, 16)
     lens = [8 + (5 * i) % 17 for i in range(16)]
     expected = [hf_greedy(sharp.model, p, n) for p, n in zip(ps, lens)]

@@ -1,13 +1,14 @@
 """A flat-batch forward for llama-family weights (llama, mistral, qwen2), used instead
 of transformers' module tree when the model allows it, and ``NativeLlama``, the
 model object for checkpoints loaded without transformers' modelling code at all
-(models.py does that for plain-RoPE llama-family dirs: it saves ~1.5 s of
+(models.py does that for plain-RoPE llama-family dirs: it saves ~1.6 s of
 imports at start-up).
 
 Same math as transformers' LlamaModel, op for op where rounding matters (RMSNorm
-in float32 then cast, then the weight; RoPE as q*cos + rotate_half(q)*sin, taking
-cos/sin from the model's own rotary module so every rope-scaling variant is
-honoured), but:
+in float32 then cast, then the weight; RoPE as q*cos + rotate_half(q)*sin, with
+cos/sin from the model's own rotary module for transformers models, so every
+rope-scaling variant is honoured; natively loaded checkpoints are limited to the
+default RoPE, reproduced op for op by ``DefaultRope``), but:
 - one GEMM for q/k/v and one for gate/up: the weights are concatenated once and
   the original Linear weights become views into them (no extra memory, and the
   transformers path, e.g. HF ``generate`` on the same model, keeps working);
