@@ -173,6 +173,9 @@ def bench(
                                                       "(default 8; 0 = all)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="HF static batch size (default 32)."),
     rate: Optional[float] = typer.Option(None, "--rate", help="Poisson arrivals per second (default 2)."),
+    repeats: Optional[int] = typer.Option(None, "--repeats",
+                                          help="Rounds of the offline workloads over all systems, round-robin; "
+                                               "reports medians and per-round paired ratios (default 1)."),
     model: Optional[str] = ModelOpt,
     dtype: str = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,
@@ -186,7 +189,7 @@ def bench(
     try:
         kw = dict(prompts=prompts, workloads=split(workloads), systems=split(systems), out=out, model=model,
                   dtype=dtype, threads=threads)
-        given = {"hf_max_prompts": hf_max_prompts, "batch_size": batch_size, "rate": rate}
+        given = {"hf_max_prompts": hf_max_prompts, "batch_size": batch_size, "rate": rate, "repeats": repeats}
         kw.update({k: v for k, v in given.items() if v is not None})
         if kw.get("hf_max_prompts") == 0:
             kw["hf_max_prompts"] = None

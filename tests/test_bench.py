@@ -68,6 +68,32 @@ def test_bench_quick_on_tiny_model(tiny_loaded, prompt_file, tmp_path, one_threa
     assert "| cbgen |" in markdown(result)
 
 
+def test_repeats_run_round_robin_with_paired_ratios(tiny_loaded, prompt_file, tmp_path, one_thread):
+    from cbgen.bench import BenchOptions, run_bench
+    from cbgen.bench.report import markdown
+    from cbgen.models import load_model
+
+    loads = []
+
+    def load(impl):
+        loads.append(impl)
+        return load_model(ModelConfig(model=str(tiny_loaded.path), dtype="float32", device="cpu", impl=impl))
+
+    opts = BenchOptions.quick(prompts=str(prompt_file), out=str(tmp_path), uniform_n=3, uniform_m=4,
+                              workloads=("uniform",), systems=("static", "cbgen"), repeats=3)
+    result = run_bench(opts, load=load, write=False)
+    u = result["workloads"]["uniform"]
+    assert loads == ["transformers", "auto"]             # one model per system, kept for all rounds
+    assert all(len(r["rounds_tok_s"]) == 3 for r in u["systems"])
+    p = u["paired_ratios"]["static"]
+    assert len(p["per_round"]) == 3 and p["min"] <= p["median"]
+    target = next(t for t in result["targets"] if t["target"].startswith("uniform: cbgen >= 2x HF static"))
+    assert target["measured"] == p["median"]
+    assert "per round (back to back)" in markdown(result)
+    with pytest.raises(ValueError, match="repeats"):
+        BenchOptions(repeats=0)
+
+
 def test_bench_options_reject_unknown_names():
     from cbgen.bench import BenchOptions
 

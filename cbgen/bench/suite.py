@@ -60,6 +60,7 @@ class BenchOptions:
     max_num_seqs: int = 64
     max_batched_tokens: int = 512
     kv_cache_gb: float = EngineConfig.kv_cache_gb   # the engine's default pool
+    repeats: int = 1                  # offline workloads: rounds over all systems (median + paired ratios)
 
     def __post_init__(self) -> None:
         bad = [w for w in self.workloads if w not in WORKLOADS]
@@ -68,6 +69,8 @@ class BenchOptions:
         bad = [s for s in self.systems if s not in SYSTEMS]
         if bad:
             raise ValueError(f"systems: unknown {bad}; known: {', '.join(SYSTEMS)}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats={self.repeats}: expected >= 1")
         if max(self.concurrency) > self.max_num_seqs or self.busy + 1 > self.max_num_seqs:
             raise ValueError(f"concurrency {max(self.concurrency)} / busy {self.busy}+1 exceed "
                              f"max_num_seqs={self.max_num_seqs}")
@@ -104,7 +107,6 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
     import torch
     import transformers
 
-    from ..engine.engine import Engine
     from ..models import load_model
 
     if load is None:
@@ -150,48 +152,60 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
 
     warm = Workload("warmup", prompts[:2], 4, True)
     need_cbgen = "cbgen" in opts.systems and (offline or any(x in opts.workloads for x in CBGEN_ONLY))
-    for system in [s for s in SYSTEMS if s in opts.systems]:
-        if system != "cbgen" and not offline:  # cbgen-torch runs the offline workloads only
-            continue
-        if system == "cbgen" and not need_cbgen:
-            continue
-        if loaded is None or (system == "cbgen") != (type(loaded.model).__name__ == "NativeLlama"):
-            loaded = model = None
-            gc.unfreeze()   # let the previous system's model be collected
-            gc.collect()
+    order = [s for s in SYSTEMS if s in opts.systems
+             and (offline or s == "cbgen") and (s != "cbgen" or need_cbgen)]
+    # With repeats, every system keeps its model and the offline runs go round-robin
+    # (uniform: static, cbgen; real: static, cbgen; then again): a slow spell of this
+    # shared machine then hits both sides of a ratio, and the ratios are paired per round.
+    keep_all = opts.repeats > 1
+    runs: dict[str, dict[str, list[RunResult]]] = {name: {s: [] for s in order} for name in offline}
+    fns, engines = {}, {}
+    for system in order:
+        fresh = loaded is None or system != order[0]   # each system its own model (attention impls differ)
+        if fresh or (system == "cbgen") != (type(loaded.model).__name__ == "NativeLlama"):
+            loaded = None
+            if not keep_all:
+                gc.unfreeze()   # let the previous system's model be collected
+                gc.collect()
             loaded = load("auto" if system == "cbgen" else "transformers")
             gc.freeze()   # as cbgen run does after loading; applies to every system alike
-        model = loaded.model
-
-        def make_engine(_loaded=loaded, _pure=system == "cbgen-torch"):
-            return Engine.from_loaded(_loaded, ecfg(_pure))
-
-        fn = {"hf": lambda wl: run_hf_sequential(model, wl, opts.hf_max_prompts),
-              "static": lambda wl: run_hf_static(model, wl, opts.batch_size),
-              "generate_batch": lambda wl: run_generate_batch(model, wl, opts.kv_cache_gb),
-              "cbgen-torch": lambda wl: run_cbgen(make_engine, wl, "cbgen-torch"),
-              "cbgen": lambda wl: run_cbgen(make_engine, wl)}[system]
+        fns[system], engines[system] = _system(system, loaded, opts, ecfg)
         status(f"{system}: warm-up")
-        fn(warm)
-        for name in offline:
-            status(f"{system}: {name} ({wls[name].num_requests} requests)")
-            res = _timed(fn, wls[name])
-            raw[name][system] = res
-            w[name]["systems"].append(res.summary())
-            status(f"{system}: {name}: {res.tok_s:.1f} tok/s over {res.wall_s:.1f} s"
-                   + (" (capped; extrapolated)" if res.extrapolated else ""))
-        if system == "cbgen":
-            _cbgen_only(opts, make_engine, prompts, result, status)
-        loaded = model = None
-    loaded = None
+        fns[system](warm)
+        if not keep_all:
+            _offline_runs(system, fns[system], offline, wls, runs, status)
+            if system == "cbgen":
+                _cbgen_only(opts, engines[system], prompts, result, status)
+            fns.pop(system), engines.pop(system)
+        loaded = None
+    for rnd in range(opts.repeats if keep_all else 0):
+        for name in offline:        # per workload, the systems back to back
+            for system in order:
+                _offline_runs(system, fns[system], [name], wls, runs, status, f" (round {rnd + 1}/{opts.repeats})")
+    if keep_all and "cbgen" in engines:
+        _cbgen_only(opts, engines["cbgen"], prompts, result, status)
+    fns = engines = loaded = None
+    gc.unfreeze()
     gc.collect()
 
     for name in offline:
+        chosen = {}
+        for system, rs in runs[name].items():
+            best = sorted(rs, key=lambda r: r.tok_s)[len(rs) // 2]     # the median run
+            chosen[system] = best
+            summary = best.summary()
+            if len(rs) > 1:
+                summary["rounds_tok_s"] = [round(r.tok_s, 1) for r in rs]
+            w[name]["systems"].append(summary)
         w[name]["ratios"] = report.ratios(w[name]["systems"])
-        if "cbgen" in raw[name]:
-            ref = raw[name]["cbgen"].token_ids
+        if opts.repeats > 1 and "cbgen" in runs[name]:
+            cb = runs[name]["cbgen"]
+            w[name]["paired_ratios"] = {
+                s: report.paired(cb, rs) for s, rs in runs[name].items() if s != "cbgen" and rs[0].tok_s}
+        if "cbgen" in chosen:
+            ref = chosen["cbgen"].token_ids
             w[name]["agreement"] = {s: report.agreement(ref, r.token_ids)
-                                    for s, r in raw[name].items() if s != "cbgen"}
+                                    for s, r in chosen.items() if s != "cbgen"}
     if "coldstart" in opts.workloads:
         status("cold start: echo hi | cbgen run - --max-new-tokens 1")
         w["coldstart"] = cold_start(opts.coldstart_repeats, threads=opts.threads)
@@ -213,6 +227,31 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
         report.write_json(result, path)
         result["json_path"] = str(path)
     return result
+
+
+def _system(system: str, loaded, opts: BenchOptions, ecfg) -> tuple[Callable, Callable]:
+    """(run one workload, engine factory) for ``system`` on ``loaded``'s model."""
+    from ..engine.engine import Engine
+    model = loaded.model
+
+    def make_engine(_pure=system == "cbgen-torch"):
+        return Engine.from_loaded(loaded, ecfg(_pure))
+
+    fn = {"hf": lambda wl: run_hf_sequential(model, wl, opts.hf_max_prompts),
+          "static": lambda wl: run_hf_static(model, wl, opts.batch_size),
+          "generate_batch": lambda wl: run_generate_batch(model, wl, opts.kv_cache_gb),
+          "cbgen-torch": lambda wl: run_cbgen(make_engine, wl, "cbgen-torch"),
+          "cbgen": lambda wl: run_cbgen(make_engine, wl)}[system]
+    return fn, make_engine
+
+
+def _offline_runs(system: str, fn, offline, wls, runs, status: Status, tag: str = "") -> None:
+    for name in offline:
+        status(f"{system}: {name} ({wls[name].num_requests} requests){tag}")
+        res = _timed(fn, wls[name])
+        runs[name][system].append(res)
+        status(f"{system}: {name}: {res.tok_s:.1f} tok/s over {res.wall_s:.1f} s"
+               + (" (capped; extrapolated)" if res.extrapolated else ""))
 
 
 def _cbgen_only(opts: BenchOptions, make_engine, prompts: list[list[int]], result: dict, status: Status) -> None:
