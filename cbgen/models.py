@@ -490,6 +490,25 @@ def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel
         load_seconds=time.perf_counter() - t0, origin=res.path)
 
 
+def _kernel_status(loaded: LoadedModel) -> str:
+    """Whether decode attention will use the native C kernel (built here on first use)."""
+    from cbgen.config import EngineConfig
+    from cbgen.engine import paged_kernel
+    if loaded.device.type != "cpu":
+        return f"torch (gather + SDPA): the native kernel is CPU-only, device is {loaded.device}"
+    kernel = paged_kernel.load(cache_root() / "kernels")
+    if kernel is None:
+        why = ("is switched off by CBGEN_NATIVE_KERNEL=0" if paged_kernel.disabled()
+               else "could not be built here (no C compiler?)")
+        return f"torch (gather + SDPA): the native kernel {why}"
+    c = loaded.model.config
+    kvh = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if not kernel.supports(loaded.dtype, c.num_attention_heads, kvh, head_dim, EngineConfig().block_size):
+        return f"torch (gather + SDPA): the native kernel does not support dtype {loaded.dtype} / these head shapes"
+    return f"native C kernel ({kernel.path})"
+
+
 def model_info(loaded: LoadedModel) -> dict[str, Any]:
     """Plain, JSON-serialisable facts about ``loaded`` for ``cbgen info``."""
     import torch
@@ -514,6 +533,7 @@ def model_info(loaded: LoadedModel) -> dict[str, Any]:
         "implementation": ("cbgen native forward (no transformers modules)"
                            if type(loaded.model).__name__ == "NativeLlama" else
                            f"transformers, attention {config._attn_implementation}"),
+        "attention_kernel": _kernel_status(loaded),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

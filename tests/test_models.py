@@ -74,6 +74,7 @@ def test_model_info(tiny_loaded):
     assert info["architecture"] == "LlamaForCausalLM" and info["model_type"] == "llama"
     assert info["parameters"] == sum(p.numel() for p in tiny_loaded.model.parameters())
     assert info["dtype"] == "float32" and info["context_length"] == 2048 and info["chat_template"]
+    assert info["attention_kernel"].startswith(("native C kernel", "torch (gather + SDPA)"))
     assert info["eos_token_ids"] == [tiny_loaded.tokenizer.eos_token_id]
     assert {"torch", "transformers", "torch_threads", "device", "path", "source"} <= info.keys()
 

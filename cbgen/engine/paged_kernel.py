@@ -35,7 +35,8 @@ _loaded: dict[str, "PagedDecodeKernel | None"] = {}
 
 
 class PagedDecodeKernel:
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        self.path = path
         self._fns = {torch.bfloat16: lib.paged_decode_bf16, torch.float32: lib.paged_decode_f32}
         for fn in self._fns.values():
             fn.argtypes = _ARGTYPES
@@ -87,9 +88,14 @@ def _build(cc: str, dest: Path) -> None:
             os.unlink(tmp)
 
 
+def disabled() -> bool:
+    """CBGEN_NATIVE_KERNEL=0 switches the kernel off (the torch path runs instead)."""
+    return os.environ.get("CBGEN_NATIVE_KERNEL", "1") == "0"
+
+
 def load(cache_dir: Path) -> PagedDecodeKernel | None:
     """The kernel, built into ``cache_dir`` on first use; None if it cannot be built here."""
-    if os.environ.get("CBGEN_NATIVE_KERNEL", "1") == "0":
+    if disabled():
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None or not SOURCE.exists():
@@ -103,7 +109,7 @@ def load(cache_dir: Path) -> PagedDecodeKernel | None:
         try:
             if not dest.exists():
                 _build(cc, dest)
-            kernel = PagedDecodeKernel(ctypes.CDLL(str(dest)))
+            kernel = PagedDecodeKernel(ctypes.CDLL(str(dest)), dest)
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", b"") or b""
             print(f"cbgen: native attention kernel unavailable ({e}); using the torch path. "

@@ -102,7 +102,8 @@ class ModelRunner:
                                                   geo.head_dim, cfg.block_size):
             return kernel
         if cfg.attention == "native":
-            why = ("it could not be built here (no C compiler?)" if kernel is None and self.device.type == "cpu"
+            why = ("it is switched off by CBGEN_NATIVE_KERNEL=0" if paged_kernel.disabled() else
+                   "it could not be built here (no C compiler?)" if kernel is None and self.device.type == "cpu"
                    else f"it does not support device={self.device.type}, dtype={self.model.dtype}, "
                         f"heads={geo.num_heads}/{geo.num_kv_heads}, head_dim={geo.head_dim}, "
                         f"block_size={cfg.block_size}")
