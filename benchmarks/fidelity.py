@@ -26,15 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = ROOT / ".." / "shared" / "bench" / "prompts-dev.jsonl"
 
 
-def load_prompts(path: Path, tokenizer, n: int) -> list[tuple[str, list[int]]]:
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
-    out = []
-    for r in rows:
-        text = tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
-        out.append((r["id"], tokenizer.encode(text, add_special_tokens=False)))
-    return out
-
-
 def hf_generate(model, prompt: list[int], n: int, natural: bool):
     """Greedy tokens and, per step, (top-1 minus top-2 logit, rank table) from the processed scores."""
     import torch
@@ -69,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cbgen.config import EngineConfig, ModelConfig, SamplingParams
+    from cbgen.bench.workloads import load_prompts
     from cbgen.engine.engine import Engine
     from cbgen.models import load_model
 

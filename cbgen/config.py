@@ -21,6 +21,19 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(root).expanduser()
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty off Linux): the dtype choice and
+    the native kernel's build key both depend on them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from cbgen.config import ModelConfig, cache_root
+from cbgen.config import cpu_flags as machine_cpu_flags
 
 if TYPE_CHECKING:
     import torch
@@ -93,6 +94,11 @@ class LoadedModel:
     converted: bool  # this call de-quantised a GGUF into the cache
     load_seconds: float
     origin: Path  # what the user named: the .gguf file, or the model dir
+
+    @property
+    def native(self) -> bool:
+        """Loaded without transformers' modelling code (a cbgen NativeLlama)."""
+        return type(self.model).__name__ == "NativeLlama"
 
 
 def gguf_cache_path(gguf: Path, cache_dir: str | None = None) -> Path:
@@ -182,17 +188,6 @@ def pick_device(requested: str) -> "torch.device":
     return torch.device(requested)
 
 
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()  # not Linux, or no flags: assume no native bf16
-
-
 def pick_dtype(requested: str, device: "torch.device",
                cpu_flags: frozenset[str] | None = None) -> tuple["torch.dtype", str]:
     """``(dtype, reason)``. ``auto`` is bfloat16 where the hardware computes it natively, else float32."""
@@ -204,7 +199,7 @@ def pick_dtype(requested: str, device: "torch.device",
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "auto: CUDA device supports bf16"
         return torch.float32, "auto: CUDA device lacks bf16"
-    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    flags = machine_cpu_flags() if cpu_flags is None else cpu_flags
     native = sorted({"avx512_bf16", "amx_bf16"} & set(flags))
     if native:
         return torch.bfloat16, f"auto: CPU has native bf16 ({', '.join(native)})"
@@ -358,7 +353,7 @@ def _load_native(path: Path, c: dict, dtype: "torch.dtype", device: "torch.devic
     import torch
     from safetensors import safe_open
 
-    from cbgen.engine.llama import LlamaForward, NativeLlama
+    from cbgen.engine.llama import LlamaForward, NativeLlama, head_dim_of
 
     index = path / "model.safetensors.index.json"
     files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
@@ -372,7 +367,7 @@ def _load_native(path: Path, c: dict, dtype: "torch.dtype", device: "torch.devic
 
     rope = c.get("rope_parameters") or {}
     spec = SimpleNamespace(**{
-        **c, "head_dim": c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+        **c, "head_dim": head_dim_of(SimpleNamespace(**{"head_dim": None, **c})),
         "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
         "rms_norm_eps": float(c.get("rms_norm_eps", 1e-6)),
         "max_position_embeddings": int(c.get("max_position_embeddings", 2048)),
@@ -491,22 +486,14 @@ def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel
 
 
 def _kernel_status(loaded: LoadedModel) -> str:
-    """Whether decode attention will use the native C kernel (built here on first use)."""
+    """Which decode attention an engine on this model would use (the runner's own choice)."""
     from cbgen.config import EngineConfig
-    from cbgen.engine import paged_kernel
-    if loaded.device.type != "cpu":
-        return f"torch (gather + SDPA): the native kernel is CPU-only, device is {loaded.device}"
-    kernel = paged_kernel.load(cache_root() / "kernels")
-    if kernel is None:
-        why = ("is switched off by CBGEN_NATIVE_KERNEL=0" if paged_kernel.disabled()
-               else "could not be built here (no C compiler?)")
-        return f"torch (gather + SDPA): the native kernel {why}"
-    c = loaded.model.config
-    kvh = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    if not kernel.supports(loaded.dtype, c.num_attention_heads, kvh, head_dim, EngineConfig().block_size):
-        return f"torch (gather + SDPA): the native kernel does not support dtype {loaded.dtype} / these head shapes"
-    return f"native C kernel ({kernel.path})"
+    from cbgen.engine.runner import choose_kernel
+    try:
+        kernel, why = choose_kernel(loaded.model, loaded.device, EngineConfig())
+    except ValueError as e:   # an architecture the paged engine does not serve
+        return f"none: {e}"
+    return f"native C kernel ({kernel.path})" if kernel is not None else f"torch (gather + SDPA): {why}"
 
 
 def model_info(loaded: LoadedModel) -> dict[str, Any]:
@@ -530,8 +517,7 @@ def model_info(loaded: LoadedModel) -> dict[str, Any]:
         "vocab_size": len(loaded.tokenizer),
         "eos_token_ids": list(eos_token_ids(loaded.tokenizer, loaded.model)),
         "chat_template": loaded.has_chat_template,
-        "implementation": ("cbgen native forward (no transformers modules)"
-                           if type(loaded.model).__name__ == "NativeLlama" else
+        "implementation": ("cbgen native forward (no transformers modules)" if loaded.native else
                            f"transformers, attention {config._attn_implementation}"),
         "attention_kernel": _kernel_status(loaded),
         "torch_threads": torch.get_num_threads(),

@@ -69,12 +69,18 @@ def test_shared_prefix_is_ref_counted():
     assert bm.all_free()
 
 
-def test_a_freed_prefix_stays_findable_and_is_revived():
-    bm = BlockManager(4, BS)
+def freed_prefix(num_blocks: int) -> BlockManager:
+    """A pool where a request with two full blocks (tokens 0..7) ran and was freed."""
+    bm = BlockManager(num_blocks, BS)
     a = req(list(range(8)) + [99], "a")
     bm.admit(a, a.num_tokens)
     compute_all(bm, a)
     bm.free(a)
+    return bm
+
+
+def test_a_freed_prefix_stays_findable_and_is_revived():
+    bm = freed_prefix(4)
     assert bm.all_free()
     b = req(list(range(8)) + [42, 43], "b")
     # Two hit blocks come back out of the free list; one new block for the tail.
@@ -84,11 +90,7 @@ def test_a_freed_prefix_stays_findable_and_is_revived():
 
 
 def test_revived_blocks_do_not_count_as_free_room():
-    bm = BlockManager(3, BS)
-    a = req(list(range(8)) + [99], "a")
-    bm.admit(a, a.num_tokens)
-    compute_all(bm, a)
-    bm.free(a)
+    bm = freed_prefix(3)
     # 2 hit blocks (in the free list) + 2 new blocks needed = 4 > 3.
     b = req(list(range(8)) + list(range(200, 206)), "b")
     assert bm.admit(b, b.num_tokens) is None

@@ -6,11 +6,12 @@ The full figure (64 prompts x 128 tokens) is ``benchmarks/fidelity.py``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from helpers import hf_greedy
+
+from cbgen.bench.workloads import load_prompts
 
 # The shared dev prompts live next to the repo: ../shared/bench/prompts-dev.jsonl from its root.
 PROMPTS = Path(__file__).resolve().parent.parent / ".." / "shared" / "bench" / "prompts-dev.jsonl"
@@ -24,15 +25,6 @@ pytestmark = [
 
 NUM_PROMPTS = 8
 MAX_NEW = [48, 40, 32, 48, 44, 36, 48, 40]   # unequal lengths: requests leave and join mid-flight
-
-
-def chat_prompts(tokenizer, n: int) -> list[tuple[str, list[int]]]:
-    rows = [json.loads(line) for line in PROMPTS.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
-    out = []
-    for r in rows:
-        text = tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
-        out.append((r["id"], tokenizer.encode(text, add_special_tokens=False)))
-    return out
 
 
 @pytest.fixture
@@ -52,7 +44,7 @@ def test_engine_greedy_matches_hf_generate_on_chat_prompts(real_model):
 
     loaded = real_model
     assert loaded.dtype == torch.float32
-    prompts = chat_prompts(loaded.tokenizer, NUM_PROMPTS)
+    prompts = load_prompts(PROMPTS, loaded.tokenizer, NUM_PROMPTS)
     expected = [hf_greedy(loaded.model, p, n) for (_, p), n in zip(prompts, MAX_NEW)]
 
     eng = Engine.from_loaded(loaded, EngineConfig(max_num_seqs=4))

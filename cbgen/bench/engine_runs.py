@@ -23,6 +23,15 @@ def _params(wl: Workload) -> SamplingParams:
     return SamplingParams(max_new_tokens=wl.max_new_tokens, ignore_eos=wl.ignore_eos)
 
 
+def _result(system: str, workload: str, wl: Workload, final: dict, wall: float,
+            keep_token_ids: bool = False) -> RunResult:
+    """A RunResult from the engine's final outputs (keyed by request index)."""
+    outs = [final[i] for i in range(wl.num_requests)]
+    timings = [RequestTiming(len(o.token_ids), o.metrics.ttft, o.metrics.total_time) for o in outs]
+    return RunResult(system, workload, wl.num_requests, wl.num_requests, sum(len(o.token_ids) for o in outs),
+                     wall, requests=timings, token_ids=[list(o.token_ids) for o in outs] if keep_token_ids else [])
+
+
 def run_cbgen(make_engine: EngineFactory, wl: Workload, system: str = "cbgen") -> RunResult:
     """All requests submitted at t0, then ``step()`` until none is unfinished."""
     engine = make_engine()
@@ -35,12 +44,8 @@ def run_cbgen(make_engine: EngineFactory, wl: Workload, system: str = "cbgen") -
         for o in engine.step():
             if o.finished:
                 final[int(o.request_id)] = o
-    wall = now() - t0
-    outs = [final[i] for i in range(wl.num_requests)]
-    timings = [RequestTiming(len(o.token_ids), o.metrics.ttft, o.metrics.total_time) for o in outs]
+    res = _result(system, wl.name, wl, final, now() - t0, keep_token_ids=True)
     st = engine.stats()
-    res = RunResult(system, wl.name, wl.num_requests, wl.num_requests, sum(len(o.token_ids) for o in outs),
-                    wall, requests=timings, token_ids=[list(o.token_ids) for o in outs])
     res.notes.append(f"attention={'native' if engine.runner.kernel else 'torch'}, "
                      f"forward={'native' if engine.runner.native else 'transformers'}, "
                      f"max_num_seqs={engine.config.max_num_seqs}, budget={engine.config.max_num_batched_tokens} "
@@ -69,11 +74,7 @@ def run_arrivals(make_engine: EngineFactory, wl: Workload, rate: float, seed: in
         for o in engine.step():
             if o.finished:
                 final[int(o.request_id)] = o
-    wall = now() - t0
-    outs = [final[k] for k in range(wl.num_requests)]
-    timings = [RequestTiming(len(o.token_ids), o.metrics.ttft, o.metrics.total_time) for o in outs]
-    res = RunResult("cbgen", "arrivals", wl.num_requests, wl.num_requests, sum(len(o.token_ids) for o in outs),
-                    wall, requests=timings)
+    res = _result("cbgen", "arrivals", wl, final, now() - t0)
     res.notes.append(f"Poisson arrivals at {rate} req/s (seed {seed}), last arrival at {offsets[-1]:.1f} s; "
                      "ttft/latency from each request's own arrival")
     return res

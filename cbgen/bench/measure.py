@@ -16,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..engine.outputs import mean_tpot
+
 
 def percentile(values: list[float], q: float) -> float | None:
     """Linear-interpolated percentile, ``q`` in [0, 100]; None for no values."""
@@ -77,9 +79,7 @@ class RequestTiming:
 
     @property
     def tpot(self) -> float | None:
-        if self.ttft is None or self.latency is None or self.num_tokens < 2:
-            return None
-        return (self.latency - self.ttft) / (self.num_tokens - 1)
+        return mean_tpot(self.ttft, self.latency, self.num_tokens)
 
 
 @dataclass

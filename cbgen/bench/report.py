@@ -46,8 +46,8 @@ def ratios(rows: list[dict]) -> dict[str, dict]:
 
 def paired(cbgen_runs: list, other_runs: list) -> dict:
     """cbgen / other tok/s per round (runs of one round were made back to back), and the median."""
-    rs = sorted(round(c.tok_s / o.tok_s, 2) for c, o in zip(cbgen_runs, other_runs))
     per_round = [round(c.tok_s / o.tok_s, 2) for c, o in zip(cbgen_runs, other_runs)]
+    rs = sorted(per_round)
     return {"per_round": per_round, "median": rs[len(rs) // 2], "min": rs[0]}
 
 
@@ -108,9 +108,11 @@ def markdown(result: dict) -> str:
         for r in d["systems"]:
             if "rounds_tok_s" in r:
                 lines.append(f"- {r['system']}: tok/s per round {r['rounds_tok_s']} (the table shows the median round)")
-        for sysname, p in d.get("paired_ratios", {}).items():
-            lines.append(f"- cbgen / {sysname} per round (back to back): {p['per_round']}, median {p['median']}, "
-                         f"min {p['min']}")
+        paired = d.get("paired_ratios", {})
+        for sysname, p in paired.items():
+            if len(p["per_round"]) > 1:
+                lines.append(f"- cbgen / {sysname} per round (back to back): {p['per_round']}, "
+                             f"median {p['median']}, min {p['min']}")
         for sysname, ag in d.get("agreement", {}).items():
             lines.append(f"- greedy agreement {sysname} vs cbgen: {ag['exact']}/{ag['compared']} identical, "
                          f"mean common prefix {ag['prefix_frac']}")

@@ -1,8 +1,8 @@
 """``cbgen bench``: every selected system on every selected workload, in one process.
 
-Systems run one after another, each on a freshly loaded model (cbgen and
-generate_batch both switch the model's attention implementation), each after
-a small untimed warm-up. Figures go into one result dict; ``run_bench``
+Each system gets its own freshly loaded model and a small untimed warm-up; the
+offline workloads then run in ``repeats`` rounds, the systems back to back per
+workload. Figures go into one result dict; ``run_bench``
 writes it as JSON (plus the concurrency plot) and returns it.
 """
 
@@ -154,37 +154,29 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
     need_cbgen = "cbgen" in opts.systems and (offline or any(x in opts.workloads for x in CBGEN_ONLY))
     order = [s for s in SYSTEMS if s in opts.systems
              and (offline or s == "cbgen") and (s != "cbgen" or need_cbgen)]
-    # With repeats, every system keeps its model and the offline runs go round-robin
-    # (uniform: static, cbgen; real: static, cbgen; then again): a slow spell of this
-    # shared machine then hits both sides of a ratio, and the ratios are paired per round.
-    keep_all = opts.repeats > 1
+    # Every system gets its own model (cbgen, cbgen-torch and generate_batch switch the
+    # attention implementation), loaded and warmed up once. Then the offline runs go in
+    # rounds, per workload the systems back to back (uniform: static, cbgen; real:
+    # static, cbgen; again): a slow spell of this shared machine hits both sides of a
+    # ratio, and ratios are paired per round.
     runs: dict[str, dict[str, list[RunResult]]] = {name: {s: [] for s in order} for name in offline}
     fns, engines = {}, {}
     for system in order:
-        fresh = loaded is None or system != order[0]   # each system its own model (attention impls differ)
-        if fresh or (system == "cbgen") != (type(loaded.model).__name__ == "NativeLlama"):
-            loaded = None
-            if not keep_all:
-                gc.unfreeze()   # let the previous system's model be collected
-                gc.collect()
+        if loaded is None or (system == "cbgen") != loaded.native:
             loaded = load("auto" if system == "cbgen" else "transformers")
             gc.freeze()   # as cbgen run does after loading; applies to every system alike
         fns[system], engines[system] = _system(system, loaded, opts, ecfg)
         status(f"{system}: warm-up")
         fns[system](warm)
-        if not keep_all:
-            _offline_runs(system, fns[system], offline, wls, runs, status)
-            if system == "cbgen":
-                _cbgen_only(opts, engines[system], prompts, result, status)
-            fns.pop(system), engines.pop(system)
         loaded = None
-    for rnd in range(opts.repeats if keep_all else 0):
-        for name in offline:        # per workload, the systems back to back
+    for rnd in range(opts.repeats):
+        tag = f" (round {rnd + 1}/{opts.repeats})" if opts.repeats > 1 else ""
+        for name in offline:
             for system in order:
-                _offline_runs(system, fns[system], [name], wls, runs, status, f" (round {rnd + 1}/{opts.repeats})")
-    if keep_all and "cbgen" in engines:
+                _offline_run(system, fns[system], name, wls[name], runs, status, tag)
+    if "cbgen" in engines:
         _cbgen_only(opts, engines["cbgen"], prompts, result, status)
-    fns = engines = loaded = None
+    fns = engines = None
     gc.unfreeze()
     gc.collect()
 
@@ -198,7 +190,7 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
                 summary["rounds_tok_s"] = [round(r.tok_s, 1) for r in rs]
             w[name]["systems"].append(summary)
         w[name]["ratios"] = report.ratios(w[name]["systems"])
-        if opts.repeats > 1 and "cbgen" in runs[name]:
+        if "cbgen" in runs[name]:
             cb = runs[name]["cbgen"]
             w[name]["paired_ratios"] = {
                 s: report.paired(cb, rs) for s, rs in runs[name].items() if s != "cbgen" and rs[0].tok_s}
@@ -245,13 +237,12 @@ def _system(system: str, loaded, opts: BenchOptions, ecfg) -> tuple[Callable, Ca
     return fn, make_engine
 
 
-def _offline_runs(system: str, fn, offline, wls, runs, status: Status, tag: str = "") -> None:
-    for name in offline:
-        status(f"{system}: {name} ({wls[name].num_requests} requests){tag}")
-        res = _timed(fn, wls[name])
-        runs[name][system].append(res)
-        status(f"{system}: {name}: {res.tok_s:.1f} tok/s over {res.wall_s:.1f} s"
-               + (" (capped; extrapolated)" if res.extrapolated else ""))
+def _offline_run(system: str, fn, name: str, wl: Workload, runs, status: Status, tag: str) -> None:
+    status(f"{system}: {name} ({wl.num_requests} requests){tag}")
+    res = _timed(fn, wl)
+    runs[name][system].append(res)
+    status(f"{system}: {name}: {res.tok_s:.1f} tok/s over {res.wall_s:.1f} s"
+           + (" (capped; extrapolated)" if res.extrapolated else ""))
 
 
 def _cbgen_only(opts: BenchOptions, make_engine, prompts: list[list[int]], result: dict, status: Status) -> None:

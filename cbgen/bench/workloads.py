@@ -36,33 +36,40 @@ class Workload:
         return Workload(self.name, self.prompts[:n], self.max_new_tokens, self.ignore_eos)
 
 
-def load_prompt_ids(path: str | Path, tokenizer, limit: int | None = None) -> list[list[int]]:
-    """Token ids of the first ``limit`` lines of a JSONL prompt file.
+def load_prompts(path: str | Path, tokenizer, limit: int | None = None) -> list[tuple[str, list[int]]]:
+    """(id, token ids) of the first ``limit`` lines of a JSONL prompt file.
 
     A line holds ``messages`` (chat template applied) or ``prompt`` (also sent
-    through the chat template, as one user message, when the model has one).
+    through the chat template, as one user message, when the model has one);
+    its id is ``id`` or the line number.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} not found (pass --prompts FILE; the default "
                                 f"{DEFAULT_PROMPTS!r} is relative to the repo root)")
     chat = bool(getattr(tokenizer, "chat_template", None))
-    out: list[list[int]] = []
+    out: list[tuple[str, list[int]]] = []
     with path.open(encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if limit is not None and len(out) >= limit:
                 break
             if not line.strip():
                 continue
             rec = json.loads(line)
+            rid = str(rec.get("id", lineno))
             if "messages" in rec and chat:
-                out.append(encode(tokenizer, messages=rec["messages"]))
+                out.append((rid, encode(tokenizer, messages=rec["messages"])))
             else:
                 text = rec.get("prompt") or rec["messages"][-1]["content"]
-                out.append(encode(tokenizer, prompt=text, chat=chat))
+                out.append((rid, encode(tokenizer, prompt=text, chat=chat)))
     if not out:
         raise ValueError(f"prompt file {str(path)!r} holds no prompts")
     return out
+
+
+def load_prompt_ids(path: str | Path, tokenizer, limit: int | None = None) -> list[list[int]]:
+    """Token ids only, as the workloads take them (see ``load_prompts``)."""
+    return [ids for _, ids in load_prompts(path, tokenizer, limit)]
 
 
 def _cycle(prompts: list[list[int]], n: int) -> list[list[int]]:

@@ -94,7 +94,8 @@ def _fuse(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w, b
 
 
-def _head_dim(c) -> int:
+def head_dim_of(c) -> int:
+    """A config's head_dim, or hidden_size / heads where it does not say."""
     return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
@@ -167,7 +168,7 @@ class LlamaForward:
                     _Proj(a.o_proj.weight.detach(), a.o_proj.bias), layer.post_attention_layernorm.weight,
                     _Proj(*_fuse([m.gate_proj, m.up_proj])), _Proj(m.down_proj.weight.detach(), m.down_proj.bias)))
             lm_head = _Proj(model.lm_head.weight.detach(), None)
-        spec = SimpleNamespace(**{**c.to_dict(), "head_dim": _head_dim(c)})
+        spec = SimpleNamespace(**{**c.to_dict(), "head_dim": head_dim_of(c)})
         embed = base.embed_tokens.weight
         return cls(spec, embed, base.rotary_emb, layers, base.norm.weight, base.norm.variance_epsilon, lm_head,
                    base.layers[0].self_attn.scaling, _can_pack(embed.dtype, embed.device))
@@ -251,8 +252,14 @@ class NativeLlama:
 
     def __init__(self, config: SimpleNamespace, generation_config: SimpleNamespace, impl: LlamaForward) -> None:
         self.config, self.generation_config, self.impl = config, generation_config, impl
-        self.dtype = impl.embed.dtype
-        self.device = impl.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.impl.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.impl.embed.device
 
     def parameters(self) -> Iterator[torch.Tensor]:
         """Each distinct weight once (a tied LM head is the embedding)."""

@@ -18,6 +18,13 @@ class FinishReason(str, Enum):
     ERROR = "error"      # rejected input (front-ends create these; the engine raises instead)
 
 
+def mean_tpot(first_token_at: float | None, finished_at: float | None, num_tokens: int) -> float | None:
+    """Mean time per output token after the first (None before two tokens exist)."""
+    if first_token_at is None or finished_at is None or num_tokens < 2:
+        return None
+    return (finished_at - first_token_at) / (num_tokens - 1)
+
+
 @dataclass(frozen=True)
 class RequestMetrics:
     """Timings are ``time.monotonic()`` seconds; derived figures are properties."""
@@ -52,16 +59,12 @@ class RequestMetrics:
     @property
     def tpot(self) -> float | None:
         """Mean time per output token after the first."""
-        if self.finished_time is None or self.first_token_time is None or self.num_generated_tokens < 2:
-            return None
-        return (self.finished_time - self.first_token_time) / (self.num_generated_tokens - 1)
+        return mean_tpot(self.first_token_time, self.finished_time, self.num_generated_tokens)
 
     @property
     def tokens_per_s(self) -> float | None:
-        if self.finished_time is None or self.first_token_time is None or self.num_generated_tokens < 2:
-            return None
-        dt = self.finished_time - self.first_token_time
-        return (self.num_generated_tokens - 1) / dt if dt > 0 else None
+        t = self.tpot
+        return 1.0 / t if t else None
 
     def to_dict(self) -> dict:
         r = lambda v: None if v is None else round(v, 4)  # noqa: E731

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import cpu_flags
+
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
 _ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]
@@ -66,16 +68,6 @@ class PagedDecodeKernel:
             raise RuntimeError(f"paged decode kernel failed (code {rc})")
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
 def _build(cc: str, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".so.tmp")
@@ -100,7 +92,7 @@ def load(cache_dir: Path) -> PagedDecodeKernel | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None or not SOURCE.exists():
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *CFLAGS]).encode() + _cpu_flags().encode())
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *CFLAGS, *sorted(cpu_flags())]).encode())
     dest = cache_dir / f"paged_decode-{key.hexdigest()[:16]}.so"
     with _lock:
         if str(dest) in _loaded:

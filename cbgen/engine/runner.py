@@ -16,7 +16,7 @@ from ..config import EngineConfig, cache_root
 from . import paged_kernel
 from . import attention
 from .attention import PagedBatch, PrefillChunk
-from .llama import LlamaForward, NativeLlama
+from .llama import LlamaForward, NativeLlama, head_dim_of
 from .sampler import SampleResult, sample
 from .scheduler import SchedulerOutput
 
@@ -52,7 +52,7 @@ def kv_geometry(model) -> KVGeometry:
     if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True):
         raise UnsupportedModelError(f"model type {c.model_type!r} with sliding_window="
                                     f"{c.sliding_window} is not supported by the paged engine")
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    head_dim = head_dim_of(c)
     kvh = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     return KVGeometry(c.num_hidden_layers, c.num_attention_heads, kvh, head_dim, model.dtype.itemsize)
 
@@ -67,13 +67,33 @@ def num_blocks_for(cfg: EngineConfig, geo: KVGeometry, max_model_len: int) -> in
     return max(1, min(by_memory, cfg.max_num_seqs * per_seq + 1))
 
 
+def choose_kernel(model, device, cfg: EngineConfig) -> tuple[paged_kernel.PagedDecodeKernel | None, str]:
+    """The native decode-attention kernel for ``model`` under ``cfg``, or (None, why not)."""
+    if cfg.attention == "torch":
+        return None, "attention='torch' was asked for"
+    if device.type != "cpu":
+        return None, f"the native kernel is CPU-only (device {device})"
+    if paged_kernel.disabled():
+        return None, "the native kernel is switched off by CBGEN_NATIVE_KERNEL=0"
+    kernel = paged_kernel.load(cache_root() / "kernels")
+    if kernel is None:
+        return None, "the native kernel could not be built here (no C compiler?)"
+    geo = kv_geometry(model)
+    if not kernel.supports(model.dtype, geo.num_heads, geo.num_kv_heads, geo.head_dim, cfg.block_size):
+        return None, (f"the native kernel does not support dtype={model.dtype}, heads="
+                      f"{geo.num_heads}/{geo.num_kv_heads}, head_dim={geo.head_dim}, block_size={cfg.block_size}")
+    return kernel, ""
+
+
 class ModelRunner:
     def __init__(self, model, cfg: EngineConfig, num_blocks: int) -> None:
         self.model = model
         self.geo = geo = kv_geometry(model)
         self.block_size = bs = cfg.block_size
         self.device = next(model.parameters()).device
-        self.kernel = self._pick_kernel(cfg)
+        self.kernel, why = choose_kernel(model, self.device, cfg)
+        if self.kernel is None and cfg.attention == "native":
+            raise UnsupportedModelError(f"attention='native' is unavailable: {why}; use 'auto' or 'torch'")
         self.native = self._pick_forward(cfg)
         if self.native is None:
             # Our function reads/writes the paged pool; transformers builds no mask for it.
@@ -92,23 +112,6 @@ class ModelRunner:
             k[self.null_block].zero_()
             v[self.null_block * bs:].zero_()
         self.num_forward_tokens = 0   # every token ever forwarded (the no-recompute check counts these)
-
-    def _pick_kernel(self, cfg: EngineConfig) -> paged_kernel.PagedDecodeKernel | None:
-        if cfg.attention == "torch":
-            return None
-        geo = self.geo
-        kernel = paged_kernel.load(cache_root() / "kernels") if self.device.type == "cpu" else None
-        if kernel is not None and kernel.supports(self.model.dtype, geo.num_heads, geo.num_kv_heads,
-                                                  geo.head_dim, cfg.block_size):
-            return kernel
-        if cfg.attention == "native":
-            why = ("it is switched off by CBGEN_NATIVE_KERNEL=0" if paged_kernel.disabled() else
-                   "it could not be built here (no C compiler?)" if kernel is None and self.device.type == "cpu"
-                   else f"it does not support device={self.device.type}, dtype={self.model.dtype}, "
-                        f"heads={geo.num_heads}/{geo.num_kv_heads}, head_dim={geo.head_dim}, "
-                        f"block_size={cfg.block_size}")
-            raise UnsupportedModelError(f"attention='native' is unavailable: {why}; use 'auto' or 'torch'")
-        return None
 
     def _pick_forward(self, cfg: EngineConfig) -> LlamaForward | None:
         if cfg.model_impl == "transformers":
