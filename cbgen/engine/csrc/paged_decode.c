@@ -21,8 +21,17 @@
  * float32; softmax is exact up to expf rounding (max-subtracted, two passes).
  * Common (G, D) pairs get their own specialisation so the accumulators live
  * in registers.
+ *
+ * Memory: in the engine every layer's K/V comes from DRAM (the weights evict
+ * it between layers) in 2 KB pieces scattered over the pool, and the loads
+ * stalled on DRAM latency (16 GB/s of ~40). So items are dealt out
+ * round-robin (schedule(static, 1)): a thread knows its next item and, while
+ * it works on block b of this one, prefetches block b of the next one into
+ * L2 and block b + 1 of this one into L1. 64 sequences x 258 tokens x 30
+ * layers (bf16, 2 threads): 22.8 -> 15 ms; the in-L3 compute floor is ~9 ms.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,6 +75,22 @@ static inline uint16_t f32_to_bf16(float f) {
 
 static inline float f32_to_f32(float x) { return x; }
 
+/* Prefetch block `blk` of kv head h: its K piece [D, bs] and its bs V rows. */
+static inline void prefetch_block(const char *k, const char *v, int32_t blk, int h, int KVH, int D, int bs,
+                                  size_t elem, int far) {
+    const size_t kbytes = (size_t)D * bs * elem, row = (size_t)D * elem;
+    const char *kp = k + ((size_t)blk * KVH + h) * kbytes;
+    for (size_t o = 0; o < kbytes; o += 64) {
+        if (far) __builtin_prefetch(kp + o, 0, 2); else __builtin_prefetch(kp + o, 0, 3);
+    }
+    for (int t = 0; t < bs; t++) {
+        const char *vp = v + (((size_t)blk * bs + t) * KVH + h) * row;
+        for (size_t o = 0; o < row; o += 64) {
+            if (far) __builtin_prefetch(vp + o, 0, 2); else __builtin_prefetch(vp + o, 0, 3);
+        }
+    }
+}
+
 typedef int32_t v16i __attribute__((vector_size(64)));
 
 static inline v16f vmax(v16f a, v16f b) {
@@ -96,7 +121,8 @@ static inline v16f exp16_nonpos(v16f x) {
 #define DEFINE_ITEM(NAME, T, LOAD16, LOAD1, STORE1)                                             \
 static inline __attribute__((always_inline)) void NAME(                                         \
     const int G, const int D, const T *q, const T *k, const T *v, T *out, const int32_t *tab,   \
-    int L, int H, int KVH, int bs, float scale, int i, int h, float *s)                         \
+    int L, int H, int KVH, int bs, float scale, int i, int h, float *s,                         \
+    const int32_t *next_tab, int next_L, int next_h)                                            \
 {                                                                                               \
     const int nb = (L + bs - 1) / bs, Lp = nb * bs, nc = D / 16;                                \
     float qf[MAX_G][MAX_D];                                                                     \
@@ -106,8 +132,13 @@ static inline __attribute__((always_inline)) void NAME(                         
         for (int d = 0; d < D; d++) qf[g][d] = LOAD1(qp[d]) * scale;                            \
         for (int c = 0; c < nc; c++) acc[g][c] = (v16f){0};                                     \
     }                                                                                           \
+    const int next_nb = next_tab ? (next_L + bs - 1) / bs : 0;                                  \
     for (int b = 0; b < nb; b++) {                                                              \
         const T *kb = k + ((size_t)tab[b] * KVH + h) * (size_t)D * bs;                          \
+        if (b + 1 < nb)                                                                         \
+            prefetch_block((const char *)k, (const char *)v, tab[b + 1], h, KVH, D, bs, sizeof(T), 0); \
+        if (b < next_nb)                                                                        \
+            prefetch_block((const char *)k, (const char *)v, next_tab[b], next_h, KVH, D, bs, sizeof(T), 1); \
         for (int j = 0; j < bs; j += 16) {                                                      \
             v16f s0[MAX_G], s1[MAX_G]; /* two chains per head: even / odd d */                  \
             for (int g = 0; g < G; g++) { s0[g] = (v16f){0}; s1[g] = (v16f){0}; }               \
@@ -145,11 +176,16 @@ static inline __attribute__((always_inline)) void NAME(                         
         for (int e = 0; e < 16; e++) z += zv[e];                                                \
         inv[g] = 1.f / z;                                                                       \
     }                                                                                           \
-    for (int t = 0; t < L; t++) {                                                               \
-        const T *vp = v + (((size_t)tab[t / bs] * bs + t % bs) * KVH + h) * D;                  \
-        for (int c = 0; c < nc; c++) {                                                          \
-            const v16f vr = LOAD16(vp + 16 * c);                                                \
-            for (int g = 0; g < G; g++) acc[g][c] += s[(size_t)g * Lp + t] * vr;                \
+    for (int b = 0; b < nb; b++) {                                                              \
+        const T *vb = v + ((size_t)tab[b] * bs * KVH + h) * D;                                  \
+        const float *sb = s + (size_t)b * bs;                                                   \
+        const int n = L - b * bs < bs ? L - b * bs : bs;                                        \
+        for (int j = 0; j < n; j++) {                                                           \
+            const T *vp = vb + (size_t)j * KVH * D;                                             \
+            for (int c = 0; c < nc; c++) {                                                      \
+                const v16f vr = LOAD16(vp + 16 * c);                                            \
+                for (int g = 0; g < G; g++) acc[g][c] += sb[(size_t)g * Lp + j] * vr;          \
+            }                                                                                   \
         }                                                                                       \
     }                                                                                           \
     for (int g = 0; g < G; g++) {                                                               \
@@ -159,7 +195,7 @@ static inline __attribute__((always_inline)) void NAME(                         
     }                                                                                           \
 }
 
-#define CALL(G_, D_) ITEM(G_, D_, q, k, v, out, tab, lens[i], H, KVH, bs, scale, i, h, s)
+#define CALL(G_, D_) ITEM(G_, D_, q, k, v, out, tab, lens[i], H, KVH, bs, scale, i, h, s, next_tab, next_L, next_h)
 
 #define DEFINE_KERNEL(NAME, ITEM, T)                                                            \
 int NAME(const T *q, const T *k, const T *v, T *out, const int32_t *tables, int table_stride,  \
@@ -175,11 +211,14 @@ int NAME(const T *q, const T *k, const T *v, T *out, const int32_t *tables, int 
     {                                                                                           \
         float *s = malloc(sizeof(float) * cap);                                                 \
         if (!s) { _Pragma("omp atomic write") failed = 1; }                                     \
-        _Pragma("omp for schedule(dynamic, 1)")                                                 \
-        for (int item = 0; item < nd * KVH; item++) {                                           \
+        const int stride = omp_get_num_threads(), n_items = nd * KVH;                          \
+        _Pragma("omp for schedule(static, 1)")                                                  \
+        for (int item = 0; item < n_items; item++) {                                            \
             if (!s) continue;                                                                   \
-            const int i = item / KVH, h = item % KVH;                                           \
+            const int i = item / KVH, h = item % KVH, next = item + stride;                     \
             const int32_t *tab = tables + (size_t)i * table_stride;                             \
+            const int32_t *next_tab = next < n_items ? tables + (size_t)(next / KVH) * table_stride : NULL; \
+            const int next_L = next < n_items ? lens[next / KVH] : 0, next_h = next % KVH;     \
             if (G == 3 && D == 64) CALL(3, 64);                                                 \
             else if (G == 1 && D == 64) CALL(1, 64);                                            \
             else if (G == 4 && D == 64) CALL(4, 64);                                            \
