@@ -103,7 +103,7 @@ def test_long_prompt_is_chunked_while_decodes_continue():
 
 
 def test_long_prefill_threshold_caps_a_chunk():
-    cfg = EngineConfig(max_num_batched_tokens=64, block_size=4, num_kv_blocks=64, long_prefill_token_threshold=16)
+    cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, block_size=4, num_kv_blocks=64, long_prefill_token_threshold=16)
     s = Scheduler(cfg, BlockManager(64, 4), 1000)
     s.add(req("a", 40))
     assert [o.num_tokens for o in run(s)][:3] == [16, 16, 8]

@@ -52,12 +52,12 @@ class BenchOptions:
     hf_max_prompts: int | None = 8    # cap for HF one-at-a-time; None = all
     arrivals_n: int = 64
     rate: float = 2.0                 # Poisson arrivals, requests/s
-    concurrency: tuple[int, ...] = (1, 4, 16, 32, 64)
+    concurrency: tuple[int, ...] = (1, 4, 16, 32, 64, 128)
     decode_steps: int = 32
     busy: int = 32
     probes: int = 10
     coldstart_repeats: int = 3
-    max_num_seqs: int = 64
+    max_num_seqs: int = EngineConfig.max_num_seqs
     max_batched_tokens: int = 512
     kv_cache_gb: float = EngineConfig.kv_cache_gb   # the engine's default pool
     repeats: int = 1                  # offline workloads: rounds over all systems (median + paired ratios)
@@ -256,7 +256,10 @@ def _cbgen_only(opts: BenchOptions, make_engine, prompts: list[list[int]], resul
                          "result": res.summary()}
     if "concurrency" in opts.workloads:
         levels = []
-        for c in opts.concurrency:
+        skipped = [c for c in opts.concurrency if c > opts.max_num_seqs]
+        if skipped:
+            status(f"cbgen: concurrency {skipped} skipped: above --max-num-seqs {opts.max_num_seqs}")
+        for c in (c for c in opts.concurrency if c <= opts.max_num_seqs):
             status(f"cbgen: decode at concurrency {c}")
             levels.append(decode_throughput(make_engine, prompts, c, opts.decode_steps))
             status(f"cbgen: concurrency {c}: {levels[-1]['tok_s']} tok/s")
