@@ -42,3 +42,12 @@ def skip_without_native_kernel(attention: str) -> None:
 
     if attention == "native" and paged_kernel.load(cache_root() / "kernels") is None:
         pytest.skip("no C compiler: the native attention kernel cannot be built here")
+
+
+def native_or_skip(obj, what: str):
+    """``obj`` (a loaded native part), or skip the test: without a C compiler it cannot be built."""
+    import pytest
+
+    if obj is None:
+        pytest.skip(f"no C compiler: the {what} cannot be built here")
+    return obj

@@ -19,10 +19,9 @@ from cbgen.engine.runner import UnsupportedModelError
 
 @pytest.fixture(scope="module")
 def kernel():
-    k = paged_kernel.load(cache_root() / "kernels")
-    if k is None:
-        pytest.skip("no C compiler: the native kernel cannot be built here")
-    return k
+    from helpers import native_or_skip
+
+    return native_or_skip(paged_kernel.load(cache_root() / "kernels"), "native attention kernel")
 
 
 def make_case(dtype, H, KVH, D, bs, lens, seed=0):

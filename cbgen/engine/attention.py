@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fused_ops import FusedOps
 from .paged_kernel import PagedDecodeKernel
 
 ATTN_NAME = "cbgen_paged"
@@ -53,6 +54,7 @@ class PagedBatch:
     decode_pad: torch.Tensor | None              # torch path only: [num_decodes, 1, W * bs, 1] True past the length
     prefills: list[PrefillChunk]
     kernel: PagedDecodeKernel | None             # None: torch path for decodes
+    fused: FusedOps | None = None                # native residual add + RMSNorm (bf16 native forward only)
 
 
 def _gather_k(k_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

@@ -226,19 +226,29 @@ class LlamaForward:
         h = F.embedding(ids, self.embed)
         cos, sin = self.rotary(h.unsqueeze(0), positions.unsqueeze(0))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)                  # [T, 1, D]
-        eps = self.eps
+        eps, fused = self.eps, batch.fused
+        norms = [L.in_norm for L in self.layers[1:]] + [self.norm]   # the norm after each layer
+
+        def add_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor):
+            """(h + delta, RMSNorm of that): the residual stream and the next block's input."""
+            if fused is not None:
+                return h, fused.add_rmsnorm(h, delta, weight, eps)   # h updated in place
+            h = h if delta is None else h + delta
+            return h, _rms(h, weight, eps)
+
+        h, x = add_norm(h, None, self.layers[0].in_norm)
         for i, L in enumerate(self.layers):
-            qkv = L.qkv(_rms(h, L.in_norm, eps))
+            qkv = L.qkv(x)
             q = _rope(qkv[:, :qd].view(T, H, D), cos, sin)
             k = _rope(qkv[:, qd:qd + kd].view(T, KVH, D), cos, sin)
             v = qkv[:, qd + kd:].view(T, KVH, D)
             o = attend(batch, i, q, k, v, self.scale)
-            h = h + L.o(o.view(T, qd))
-            gu = L.gate_up(_rms(h, L.post_norm, eps))
-            h = h + L.down(F.silu(gu[:, :I]) * gu[:, I:])
+            h, x = add_norm(h, L.o(o.view(T, qd)), L.post_norm)
+            gu = L.gate_up(x)
+            h, x = add_norm(h, L.down(F.silu(gu[:, :I]) * gu[:, I:]), norms[i])
         if keep.numel() == 0:
             return None
-        return self.lm_head(_rms(h[keep], self.norm, eps))
+        return self.lm_head(x[keep])
 
 
 class NativeLlama:

@@ -1,39 +1,23 @@
 """The native paged decode-attention kernel (csrc/paged_decode.c), built once and loaded with ctypes.
 
-Contract: ``load()`` returns a ``PagedDecodeKernel`` or None. None means no C
-compiler or a failed build; the caller then keeps the pure-torch path, which
-computes the same attention. The shared object is cached under
-``<cbgen cache>/kernels/`` keyed by the source, the compiler command and the
-CPU flags (it is built with ``-march=native``), so a rebuild only happens when
-one of them changes. It is written to a temp name and renamed, so concurrent
-first runs never load a half-written file.
-
-The kernel links libgomp by its soname; inside a torch process that resolves
-to the OpenMP runtime torch already loaded, so both share one thread pool.
+Contract: ``load()`` returns a ``PagedDecodeKernel`` or None. None means the
+kernel is switched off, there is no C compiler or the build failed
+(native_build.py); the caller then keeps the pure-torch path, which computes
+the same attention.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
 from pathlib import Path
 
 import torch
 
-from ..config import cpu_flags
+from .native_build import disabled, load_library
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
+__all__ = ["PagedDecodeKernel", "disabled", "load"]
+
 _ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]
-
-_lock = threading.Lock()
-_loaded: dict[str, "PagedDecodeKernel | None"] = {}
 
 
 class PagedDecodeKernel:
@@ -68,43 +52,7 @@ class PagedDecodeKernel:
             raise RuntimeError(f"paged decode kernel failed (code {rc})")
 
 
-def _build(cc: str, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def disabled() -> bool:
-    """CBGEN_NATIVE_KERNEL=0 switches the kernel off (the torch path runs instead)."""
-    return os.environ.get("CBGEN_NATIVE_KERNEL", "1") == "0"
-
-
 def load(cache_dir: Path) -> PagedDecodeKernel | None:
     """The kernel, built into ``cache_dir`` on first use; None if it cannot be built here."""
-    if disabled():
-        return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None or not SOURCE.exists():
-        return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *CFLAGS, *sorted(cpu_flags())]).encode())
-    dest = cache_dir / f"paged_decode-{key.hexdigest()[:16]}.so"
-    with _lock:
-        if str(dest) in _loaded:
-            return _loaded[str(dest)]
-        kernel = None
-        try:
-            if not dest.exists():
-                _build(cc, dest)
-            kernel = PagedDecodeKernel(ctypes.CDLL(str(dest)), dest)
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", b"") or b""
-            print(f"cbgen: native attention kernel unavailable ({e}); using the torch path. "
-                  f"{detail.decode(errors='replace').strip()[:200]}", file=sys.stderr)
-        _loaded[str(dest)] = kernel
-        return kernel
+    lib = load_library("paged_decode", cache_dir, "native attention kernel")
+    return None if lib is None else PagedDecodeKernel(lib, Path(lib._name))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import EngineConfig, cache_root
-from . import paged_kernel
+from . import fused_ops, paged_kernel
 from . import attention
 from .attention import PagedBatch, PrefillChunk
 from .llama import LlamaForward, NativeLlama, head_dim_of
@@ -95,6 +95,9 @@ class ModelRunner:
         if self.kernel is None and cfg.attention == "native":
             raise UnsupportedModelError(f"attention='native' is unavailable: {why}; use 'auto' or 'torch'")
         self.native = self._pick_forward(cfg)
+        # Native residual add + RMSNorm: bf16 only (float32 keeps transformers' exact ops).
+        self.fused = (fused_ops.load(cache_root() / "kernels") if self.native is not None
+                      and model.dtype == torch.bfloat16 and self.device.type == "cpu" else None)
         if self.native is None:
             # Our function reads/writes the paged pool; transformers builds no mask for it.
             model.set_attn_implementation(attention.register())
@@ -178,7 +181,7 @@ class ModelRunner:
         write_blocks = torch.tensor(blocks, device=dev)
         write_offsets = torch.tensor(offsets, device=dev)
         batch = PagedBatch(self.kv, bs, write_blocks, write_offsets, write_blocks * bs + write_offsets,
-                           len(dec_lens), tables, lens, mask, pad, prefills, self.kernel)
+                           len(dec_lens), tables, lens, mask, pad, prefills, self.kernel, self.fused)
         return (torch.tensor(ids, device=dev).unsqueeze(0), torch.tensor(pos, device=dev).unsqueeze(0),
                 torch.tensor(keep, dtype=torch.long, device=dev), batch)
 

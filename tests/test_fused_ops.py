@@ -1,0 +1,82 @@
+"""The native residual add + RMSNorm (bf16) against the torch ops it replaces, and its
+place in the engine: on for bf16 native forwards, off for float32 and when switched off."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cbgen.config import EngineConfig, cache_root
+from cbgen.engine import fused_ops
+from cbgen.engine.engine import Engine
+from cbgen.engine.llama import _rms
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from helpers import native_or_skip
+
+    return native_or_skip(fused_ops.load(cache_root() / "kernels"), "native fused ops")
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 130])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rmsnorm_matches_torch_ops(ops, T, with_delta):
+    g = torch.Generator().manual_seed(T)
+    n = 576
+    h = (torch.randn(T, n, generator=g) * 3).bfloat16()
+    delta = torch.randn(T, n, generator=g).bfloat16() if with_delta else None
+    w = (torch.rand(n, generator=g) + 0.5).bfloat16()
+    ref_h = h + delta if with_delta else h.clone()
+    ref = _rms(ref_h, w, 1e-5)
+    out = ops.add_rmsnorm(h, delta, w, 1e-5)
+    assert torch.equal(h, ref_h)                      # the residual sum, in place, bit for bit
+    diff = out.float() - ref.float()
+    # Rarely and barely apart: the float32 mean or rsqrt may round differently, which moves
+    # the normalised value by one bf16 ulp and the product with the weight by at most two.
+    assert (diff.abs() <= ref.float().abs() * 2 ** -6).all()
+    assert (out != ref).float().mean().item() < 1e-3
+
+
+def test_add_rmsnorm_keeps_nan_and_inf(ops):
+    h = torch.zeros(2, 32).bfloat16()
+    h[0, 3] = float("nan")
+    h[1, 5] = float("inf")
+    out = ops.add_rmsnorm(h, None, torch.ones(32).bfloat16(), 1e-5)
+    assert out[0].isnan().all()                       # as torch: NaN poisons the row's mean
+    assert _rms(h, torch.ones(32).bfloat16(), 1e-5)[0].isnan().all()
+
+
+def test_engine_uses_it_for_bf16_native_forwards_only(tiny_loaded, ops, monkeypatch):
+    import dataclasses
+
+    from cbgen.engine.llama import LlamaForward
+
+    bf16 = dataclasses.replace(tiny_loaded, model=copy.deepcopy(tiny_loaded.model).to(torch.bfloat16))
+    assert Engine.from_loaded(bf16).runner.fused is not None
+    assert Engine.from_loaded(tiny_loaded).runner.fused is None                   # float32: exact torch ops
+    assert Engine.from_loaded(bf16, EngineConfig(model_impl="transformers")).runner.fused is None
+    monkeypatch.setenv("CBGEN_NATIVE_KERNEL", "0")
+    assert fused_ops.load(cache_root() / "kernels") is None
+    assert LlamaForward.supports(bf16.model)
+
+
+def test_bf16_logits_with_and_without_it_agree(tiny_loaded, ops):
+    """The same prefill step (3 prompts) through the forward with the fused op and with the torch ops."""
+    import dataclasses
+
+    bf16 = dataclasses.replace(tiny_loaded, model=copy.deepcopy(tiny_loaded.model).to(torch.bfloat16))
+    eng = Engine.from_loaded(bf16, EngineConfig(max_num_seqs=4))
+    for i, ids in enumerate([[5, 6, 7, 8], [9, 10, 11, 12, 13, 14], [20, 21]]):
+        eng.add_request(str(i), ids)
+    eng._drain_inbox()
+    ids, pos, keep, batch = eng.runner._batch(eng.scheduler.schedule())
+    assert batch.fused is not None
+    fused = eng.runner.native.forward(ids[0], pos[0], batch, keep).float()
+    batch.fused = None
+    plain = eng.runner.native.forward(ids[0], pos[0], batch, keep).float()
+    assert fused.shape == plain.shape == (3, tiny_loaded.model.config.vocab_size)
+    assert (fused - plain).abs().max().item() <= 0.02 * plain.abs().max().item()
+    assert torch.equal(fused.argmax(-1), plain.argmax(-1))
