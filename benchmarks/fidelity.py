@@ -65,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     from cbgen.models import load_model
 
     # The engine gets the model as `cbgen run` loads it (natively where possible);
-    # HF generate needs transformers' model class: a second load of the same files.
+    # HF generate needs transformers' model class: a second load of the same files
+    # unless the first already is one.
     loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, device="cpu", impl=args.impl),
                         status=lambda m: print(f"[model] {m}", file=sys.stderr))
-    model = load_model(ModelConfig(model=args.model, dtype=args.dtype, device="cpu", impl="transformers")).model
+    model = (load_model(ModelConfig(model=args.model, dtype=args.dtype, device="cpu", impl="transformers")).model
+             if loaded.native else loaded.model)
     tok = loaded.tokenizer
     prompts = load_prompts(args.prompts, tok, args.num_prompts)
     n_new = args.max_new_tokens
@@ -77,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Engine first: all prompts at once.
     t0 = time.perf_counter()
-    eng = Engine.from_loaded(loaded, EngineConfig(max_num_seqs=args.max_num_seqs, attention=args.attention))
+    eng = Engine.from_loaded(loaded, EngineConfig(
+        max_num_seqs=args.max_num_seqs, attention=args.attention,
+        model_impl="transformers" if args.impl == "transformers" else "auto"))
     params = SamplingParams(max_new_tokens=n_new, min_new_tokens=0 if args.natural else n_new)
     outs = eng.generate([p for _, p in prompts], params)
     engine_s = time.perf_counter() - t0
@@ -85,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     stats = eng.stats()
     print(f"engine: {engine_s:.1f} s, {stats.num_steps} steps, {stats.num_generated_tokens} tokens", file=sys.stderr)
 
-    # HF one at a time, in its own attention (if the engine shared this model it replaced it).
+    # HF one at a time, in its own attention (an engine on transformers' modules of this
+    # same model object registered cbgen's paged attention on it).
     model.set_attn_implementation("sdpa")
     t0 = time.perf_counter()
     rows = []
@@ -119,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": loaded.name, "dtype": str(loaded.dtype).removeprefix("torch."),
         "num_prompts": len(rows), "max_new_tokens": n_new, "max_num_seqs": args.max_num_seqs,
         "mode": "natural" if args.natural else "exact-length",
+        "attention": "native" if eng.runner.kernel else "torch",
+        "forward": "native" if eng.runner.native else "transformers",
         "identical": same, "fraction": round(same / len(rows), 4),
         "engine_seconds": round(engine_s, 1), "hf_seconds": round(hf_s, 1),
         "engine_preemptions": stats.num_preemptions, "prefix_hit_rate": round(stats.prefix_hit_rate, 4),

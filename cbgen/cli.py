@@ -42,13 +42,20 @@ def _load(model: str | None, dtype: str, threads: int | None):
         fail(str(e))
 
 
-def _engine(loaded, max_num_seqs: int, max_batched_tokens: int, kv_cache_gb: float, prefix_cache: bool,
-            attention: str = "auto"):
+def _engine_config(max_num_seqs: int, max_batched_tokens: int, kv_cache_gb: float, prefix_cache: bool,
+                   attention: str = "auto") -> EngineConfig:
+    """Validated before the model loads, so a bad option fails in milliseconds."""
+    try:
+        return EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens,
+                            kv_cache_gb=kv_cache_gb, enable_prefix_caching=prefix_cache, attention=attention)
+    except ValueError as e:
+        fail(str(e))
+
+
+def _engine(loaded, cfg: EngineConfig):
     from .engine.engine import Engine
     from .engine.runner import UnsupportedModelError
     try:
-        cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens,
-                           kv_cache_gb=kv_cache_gb, enable_prefix_caching=prefix_cache, attention=attention)
         engine = Engine.from_loaded(loaded, cfg)
     except (UnsupportedModelError, ValueError) as e:
         fail(str(e))
@@ -91,8 +98,9 @@ def run(
     samples: int = typer.Option(1, "--samples", help="Samples per prompt (n)."),
     max_num_seqs: int = typer.Option(EngineConfig.max_num_seqs, "--max-num-seqs",
                                       help="Sequences decoding at once."),
-    max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Token budget of one step."),
-    kv_cache_gb: float = typer.Option(1.0, "--kv-cache-gb", help="Memory for the KV cache pool."),
+    max_batched_tokens: int = typer.Option(EngineConfig.max_num_batched_tokens, "--max-batched-tokens",
+                                           help="Token budget of one step."),
+    kv_cache_gb: float = typer.Option(EngineConfig.kv_cache_gb, "--kv-cache-gb", help="Memory for the KV cache pool."),
     no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache"),
     attention: str = typer.Option("auto", "--attention",
                                   help="Decode attention: auto | native (C kernel, built once) | torch."),
@@ -115,11 +123,12 @@ def run(
         if path != "-" and not os.path.isfile(path):
             fail(f"input {path!r}: no such file")
     defaults = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, samples)
+    cfg = _engine_config(max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention)
     loaded = _load(model, dtype, threads)
     if validate:
         from .frontends.validate import validate_inputs
         raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err))
-    engine = _engine(loaded, max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention)
+    engine = _engine(loaded, cfg)
     opts = RunOptions(inputs=inputs, output=output, fmt=fmt, order=order, resume=resume, system=system,
                       defaults=defaults, quiet=quiet, progress=progress, model_name=loaded.name)
     code = BatchRun(engine, loaded.tokenizer, opts, err).run()
@@ -153,8 +162,9 @@ def chat(
     """Interactive REPL: every prompt you submit joins the running batch."""
     from .frontends.chat import run_chat
     defaults = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, None, 1)
+    cfg = _engine_config(max_num_seqs, max(256, max_num_seqs), EngineConfig.kv_cache_gb, True)
     loaded = _load(model, dtype, threads)
-    engine = _engine(loaded, max_num_seqs, max(256, max_num_seqs), 1.0, True)
+    engine = _engine(loaded, cfg)
     raise typer.Exit(run_chat(engine, loaded, defaults, system=system))
 
 
@@ -171,9 +181,9 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="Small sizes (a smoke test, not a measurement)."),
     hf_max_prompts: Optional[int] = typer.Option(None, "--hf-max-prompts",
                                                  help="Cap for HF one-at-a-time, the rest extrapolated "
-                                                      "(default 8; 0 = all)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="HF static batch size (default 32)."),
-    rate: Optional[float] = typer.Option(None, "--rate", help="Poisson arrivals per second (default 2)."),
+                                                      "(default 8, 2 with --quick; 0 = all)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="HF static batch size (default 32, 4 with --quick)."),
+    rate: Optional[float] = typer.Option(None, "--rate", help="Poisson arrivals per second (default 2, 8 with --quick)."),
     repeats: Optional[int] = typer.Option(None, "--repeats",
                                           help="Rounds of the offline workloads over all systems, round-robin; "
                                                "reports medians and per-round paired ratios (default 1)."),
@@ -192,8 +202,6 @@ def bench(
                   dtype=dtype, threads=threads)
         given = {"hf_max_prompts": hf_max_prompts, "batch_size": batch_size, "rate": rate, "repeats": repeats}
         kw.update({k: v for k, v in given.items() if v is not None})
-        if kw.get("hf_max_prompts") == 0:
-            kw["hf_max_prompts"] = None
         opts = BenchOptions.quick(**kw) if quick else BenchOptions(**kw)
     except ValueError as e:
         fail(str(e))

@@ -7,6 +7,7 @@ value given and the allowed range, so front-ends can show it as one line.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(root).expanduser()
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty off Linux): the dtype choice and
     the native kernel's build key both depend on them."""

@@ -98,7 +98,8 @@ class LoadedModel:
     @property
     def native(self) -> bool:
         """Loaded without transformers' modelling code (a cbgen NativeLlama)."""
-        return type(self.model).__name__ == "NativeLlama"
+        from cbgen.engine.llama import NativeLlama
+        return isinstance(self.model, NativeLlama)
 
 
 def gguf_cache_path(gguf: Path, cache_dir: str | None = None) -> Path:
@@ -362,8 +363,13 @@ def _load_native(path: Path, c: dict, dtype: "torch.dtype", device: "torch.devic
     where = {k: h for h in handles for k in h.keys()}
 
     def get(name: str):
+        """A tensor by its transformers name; a missing bias is None, any other missing weight an error."""
         h = where.get(name)
-        return None if h is None else h.get_tensor(name).to(device=device, dtype=dtype)
+        if h is None:
+            if name.endswith(".bias"):
+                return None
+            raise KeyError(f"weight {name} is missing from the safetensors")
+        return h.get_tensor(name).to(device=device, dtype=dtype)
 
     rope = c.get("rope_parameters") or {}
     spec = SimpleNamespace(**{
@@ -374,13 +380,10 @@ def _load_native(path: Path, c: dict, dtype: "torch.dtype", device: "torch.devic
         "tie_word_embeddings": bool(c.get("tie_word_embeddings", False)),
         "num_key_value_heads": c.get("num_key_value_heads") or c["num_attention_heads"],
         "architectures": c.get("architectures") or ["LlamaForCausalLM"],
-        "sliding_window": c.get("sliding_window") if c.get("use_sliding_window", True) else None})
+        # transformers' defaults: qwen2 has use_sliding_window (False); mistral uses sliding_window as given.
+        "sliding_window": (c.get("sliding_window") if c.get("use_sliding_window", c.get("model_type") != "qwen2")
+                           else None)})
     with torch.no_grad():
-        missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in where]
-        if not spec.tie_word_embeddings and "lm_head.weight" not in where:
-            missing.append("lm_head.weight")
-        if missing:
-            raise ModelError(f"cannot load {path}: weights missing from the safetensors: {', '.join(missing)}")
         impl = LlamaForward.from_tensors(spec, get)
     gen = {}
     if (path / "generation_config.json").is_file():

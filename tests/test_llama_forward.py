@@ -134,6 +134,22 @@ def test_native_load_refuses_what_it_cannot_run(tiny_qwen3, tmp_path):
     assert type(auto.model).__name__ == "Qwen3ForCausalLM"
 
 
+def test_native_load_names_a_missing_layer_weight(sharp_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cbgen.config import ModelConfig
+    from cbgen.models import ModelError, load_model
+
+    shutil.copytree(sharp_dir, tmp_path, dirs_exist_ok=True)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="model.layers.1.mlp.down_proj.weight is missing"):
+        load_model(ModelConfig(model=str(tmp_path), dtype="float32", device="cpu", impl="native"))
+
+
 def test_native_run_never_imports_transformers_modelling(sharp_dir):
     """The start-up saving is real: a whole native run leaves modeling_utils unimported."""
     import subprocess

@@ -95,8 +95,7 @@ def run_hf_sequential(model, wl: Workload, max_prompts: int | None) -> RunResult
         gen = _trim(out[0, len(ids):].tolist(), eos, wl.ignore_eos)
         ids_out.append(gen)
         timings.append(RequestTiming(len(gen), clock.times[0] - t0, clock.times[len(gen) - 1] - t0))
-    res = RunResult("hf", wl.name, wl.num_requests, n, sum(len(g) for g in ids_out), total,
-                    requests=timings, extrapolated=n < wl.num_requests, token_ids=ids_out)
+    res = RunResult("hf", wl.name, wl.num_requests, n, total, requests=timings, token_ids=ids_out)
     res.notes.append("ttft/latency: per prompt from its own generate() call (no queueing)")
     if res.extrapolated:
         res.notes.append(f"measured the first {n} of {wl.num_requests} prompts; projected_wall_s scales "
@@ -124,8 +123,8 @@ def run_hf_static(model, wl: Workload, batch_size: int) -> RunResult:
             ids_out.append(gen)
             timings.append(RequestTiming(len(gen), clock.times[0] - t0, clock.times[len(gen) - 1] - t0))
     wall = time.perf_counter() - t0
-    res = RunResult("static", wl.name, wl.num_requests, wl.num_requests, sum(len(g) for g in ids_out), wall,
-                    requests=timings, token_ids=ids_out)
+    res = RunResult("static", wl.name, wl.num_requests, wl.num_requests, wall, requests=timings,
+                    token_ids=ids_out)
     res.notes.append(f"batch {batch_size}, left-padded; a batch runs until its longest sequence ends; "
                      "tokens counted up to each sequence's own EOS")
     return res
@@ -137,10 +136,9 @@ def _cb_config(model, wl: Workload, kv_cache_gb: float):
     means allocating many GB (and an attention mask that grows with the cache) up front."""
     from transformers import ContinuousBatchingConfig
 
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kvh = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    bytes_per_token = 2 * c.num_hidden_layers * kvh * head_dim * model.dtype.itemsize
+    from ..engine.runner import KVGeometry
+
+    bytes_per_token = KVGeometry.of_config(model.config, model.dtype.itemsize).bytes_per_token
     cfg = ContinuousBatchingConfig()
     page = cfg.page_size
     need = sum(-(-(len(p) + wl.max_new_tokens) // page) for p in wl.prompts)
@@ -150,7 +148,7 @@ def _cb_config(model, wl: Workload, kv_cache_gb: float):
 
 
 @torch.inference_mode()
-def run_generate_batch(model, wl: Workload, kv_cache_gb: float = 2.0) -> RunResult:
+def run_generate_batch(model, wl: Workload, kv_cache_gb: float) -> RunResult:
     """``model.generate_batch``: transformers' continuous-batching defaults, KV cache of ``kv_cache_gb``.
 
     ``wall_s`` runs from the first request's creation to the last finish, so
@@ -182,8 +180,8 @@ def run_generate_batch(model, wl: Workload, kv_cache_gb: float = 2.0) -> RunResu
         ids_out.append(gen)
         ts = o.timestamps or []
         timings.append(RequestTiming(len(gen), ts[0] - start if ts else None, ts[-1] - start if ts else None))
-    res = RunResult("generate_batch", wl.name, wl.num_requests, wl.num_requests, sum(len(g) for g in ids_out),
-                    end - start, requests=timings, setup_s=(t1 - t0) - (end - start), token_ids=ids_out)
+    res = RunResult("generate_batch", wl.name, wl.num_requests, wl.num_requests, end - start, requests=timings,
+                    setup_s=(t1 - t0) - (end - start), token_ids=ids_out)
     res.notes.append(f"defaults but num_blocks={cb.num_blocks} x {cb.page_size} tokens (all requests at "
                      f"full length, at most {kv_cache_gb:g} GiB as cbgen); model loaded with attn={attn}; wall from first request created to last "
                      f"finished; whole call incl. manager setup: {t1 - t0:.2f} s")

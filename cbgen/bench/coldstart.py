@@ -44,10 +44,22 @@ def _time_to_first_byte(cmd: list[str], stdin: bytes, env: dict) -> tuple[float,
     return t_first, time.perf_counter() - t0, code
 
 
-def import_breakdown(env: dict, min_ms: float = 100.0, max_depth: int = 5) -> list[dict]:
+def run_args(model: str | None, dtype: str, threads: int | None) -> list[str]:
+    """The measured command's arguments: ``cbgen run -`` for one token on the bench's model."""
+    args = ["run", "-", "--max-new-tokens", "1"]
+    if model:
+        args += ["--model", model]
+    if dtype != "auto":
+        args += ["--dtype", dtype]
+    if threads:
+        args += ["--threads", str(threads)]
+    return args
+
+
+def import_breakdown(env: dict, args: list[str], min_ms: float = 100.0, max_depth: int = 5) -> list[dict]:
     """``python -X importtime`` of the same command: imports of at least ``min_ms`` (cumulative)
     down to ``max_depth`` levels of nesting (0 = imported by cbgen's own code)."""
-    cmd = [sys.executable, "-X", "importtime", "-m", "cbgen.cli", "run", "-", "--max-new-tokens", "1"]
+    cmd = [sys.executable, "-X", "importtime", "-m", "cbgen.cli", *args]
     proc = subprocess.run(cmd, input=b"hi\n", capture_output=True, env=env, timeout=300)
     rows = []
     for line in proc.stderr.decode(errors="replace").splitlines():
@@ -71,17 +83,17 @@ import cbgen.frontends.run
 t2 = time.perf_counter()
 from cbgen.config import EngineConfig, ModelConfig, SamplingParams
 from cbgen.models import load_model
-threads = int(sys.argv[1]) or None
-loaded = load_model(ModelConfig(threads=threads))
+model, dtype, threads = json.loads(sys.argv[1])
+loaded = load_model(ModelConfig(model=model, dtype=dtype, threads=threads))
 t3 = time.perf_counter()
 from cbgen.engine.engine import Engine
 from cbgen.frontends.prompting import encode
 engine = Engine.from_loaded(loaded, EngineConfig())
 import gc; gc.freeze()   # as cbgen run does
 t4 = time.perf_counter()
-engine.generate([encode(loaded.tokenizer, prompt="hi", chat=True)], SamplingParams(max_new_tokens=1))
+engine.generate([encode(loaded.tokenizer, prompt="hi")], SamplingParams(max_new_tokens=1))
 t5 = time.perf_counter()
-engine.generate([encode(loaded.tokenizer, prompt="hi again", chat=True)], SamplingParams(max_new_tokens=1))
+engine.generate([encode(loaded.tokenizer, prompt="hi again")], SamplingParams(max_new_tokens=1))
 t6 = time.perf_counter()
 r = lambda x: round(x, 3)
 print(json.dumps({"import_cli_s": r(t1 - t0), "import_engine_torch_transformers_s": r(t2 - t1),
@@ -90,20 +102,20 @@ print(json.dumps({"import_cli_s": r(t1 - t0), "import_engine_torch_transformers_
 """
 
 
-def phase_breakdown(env: dict, threads: int | None) -> dict:
+def phase_breakdown(env: dict, model: str | None, dtype: str, threads: int | None) -> dict:
     """The same path as ``cbgen run``, timed phase by phase in a fresh interpreter."""
-    proc = subprocess.run([sys.executable, "-c", _PHASES, str(threads or 0)], capture_output=True, env=env,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _PHASES, json.dumps([model, dtype, threads])],
+                          capture_output=True, env=env, timeout=300)
     try:
         return json.loads(proc.stdout.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
         return {"error": proc.stderr.decode(errors="replace")[-500:]}
 
 
-def cold_start(repeats: int = 3, target_s: float = 3.0, threads: int | None = None) -> dict:
-    cmd = _cbgen_cmd() + ["run", "-", "--max-new-tokens", "1"]
-    if threads:
-        cmd += ["--threads", str(threads)]
+def cold_start(repeats: int = 3, target_s: float = 3.0, model: str | None = None, dtype: str = "auto",
+               threads: int | None = None) -> dict:
+    args = run_args(model, dtype, threads)
+    cmd = _cbgen_cmd() + args
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     runs = [_time_to_first_byte(cmd, b"hi\n", env) for _ in range(repeats)]
     firsts = [r[0] for r in runs]
@@ -113,6 +125,6 @@ def cold_start(repeats: int = 3, target_s: float = 3.0, threads: int | None = No
            "first_byte_min_s": round(min(firsts), 3), "target_s": target_s}
     out["holds"] = out["first_byte_p50_s"] < target_s
     if not out["holds"]:
-        out["phases"] = phase_breakdown(env, threads)
-        out["import_breakdown"] = import_breakdown(env)
+        out["phases"] = phase_breakdown(env, model, dtype, threads)
+        out["import_breakdown"] = import_breakdown(env, args)
     return out

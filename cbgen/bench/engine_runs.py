@@ -23,28 +23,20 @@ def _params(wl: Workload) -> SamplingParams:
     return SamplingParams(max_new_tokens=wl.max_new_tokens, ignore_eos=wl.ignore_eos)
 
 
-def _result(system: str, workload: str, wl: Workload, final: dict, wall: float,
+def _result(system: str, workload: str, wl: Workload, outs: list, wall: float,
             keep_token_ids: bool = False) -> RunResult:
-    """A RunResult from the engine's final outputs (keyed by request index)."""
-    outs = [final[i] for i in range(wl.num_requests)]
+    """A RunResult from the engine's final outputs, in request order."""
     timings = [RequestTiming(len(o.token_ids), o.metrics.ttft, o.metrics.total_time) for o in outs]
-    return RunResult(system, workload, wl.num_requests, wl.num_requests, sum(len(o.token_ids) for o in outs),
-                     wall, requests=timings, token_ids=[list(o.token_ids) for o in outs] if keep_token_ids else [])
+    return RunResult(system, workload, wl.num_requests, wl.num_requests, wall, requests=timings,
+                     token_ids=[list(o.token_ids) for o in outs] if keep_token_ids else [])
 
 
 def run_cbgen(make_engine: EngineFactory, wl: Workload, system: str = "cbgen") -> RunResult:
     """All requests submitted at t0, then ``step()`` until none is unfinished."""
     engine = make_engine()
-    params = _params(wl)
     t0 = now()
-    for i, ids in enumerate(wl.prompts):
-        engine.add_request(str(i), ids, params, arrival_time=t0)
-    final = {}
-    while engine.has_unfinished:
-        for o in engine.step():
-            if o.finished:
-                final[int(o.request_id)] = o
-    res = _result(system, wl.name, wl, final, now() - t0, keep_token_ids=True)
+    outs = engine.generate(wl.prompts, _params(wl))
+    res = _result(system, wl.name, wl, outs, now() - t0, keep_token_ids=True)
     st = engine.stats()
     res.notes.append(f"attention={'native' if engine.runner.kernel else 'torch'}, "
                      f"forward={'native' if engine.runner.native else 'transformers'}, "
@@ -74,7 +66,7 @@ def run_arrivals(make_engine: EngineFactory, wl: Workload, rate: float, seed: in
         for o in engine.step():
             if o.finished:
                 final[int(o.request_id)] = o
-    res = _result("cbgen", "arrivals", wl, final, now() - t0)
+    res = _result("cbgen", "arrivals", wl, [final[i] for i in range(wl.num_requests)], now() - t0)
     res.notes.append(f"Poisson arrivals at {rate} req/s (seed {seed}), last arrival at {offsets[-1]:.1f} s; "
                      "ttft/latency from each request's own arrival")
     return res

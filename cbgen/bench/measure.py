@@ -30,11 +30,6 @@ def percentile(values: list[float], q: float) -> float | None:
     return vals[lo] + (vals[hi] - vals[lo]) * (k - lo)
 
 
-def rss_mb() -> float:
-    import psutil
-    return psutil.Process().memory_info().rss / 2**20
-
-
 def max_rss_mb() -> float:
     """The process-wide high-water mark since start (``getrusage``): never goes down."""
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -49,6 +44,8 @@ class RssSampler:
     """
 
     def __init__(self, interval: float = 0.02) -> None:
+        import psutil
+        self._proc = psutil.Process()   # once: the sampler runs during timed work
         self.interval = interval
         self.start_mb = 0.0
         self.peak_mb = 0.0
@@ -57,17 +54,20 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak_mb = max(self.peak_mb, rss_mb())
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+
+    def _rss_mb(self) -> float:
+        return self._proc.memory_info().rss / 2**20
 
     def __enter__(self) -> "RssSampler":
-        self.start_mb = self.peak_mb = rss_mb()
+        self.start_mb = self.peak_mb = self._rss_mb()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_mb = max(self.peak_mb, rss_mb())
+        self.peak_mb = max(self.peak_mb, self._rss_mb())
 
 
 @dataclass
@@ -89,17 +89,24 @@ class RunResult:
     workload: str
     num_requests: int             # requests in the workload
     measured_requests: int        # requests actually run (< num_requests when capped)
-    generated_tokens: int         # over the measured requests
     wall_s: float                 # over the measured requests
-    requests: list[RequestTiming] = field(default_factory=list)
+    requests: list[RequestTiming] = field(default_factory=list)   # one per measured request
     setup_s: float | None = None
     peak_rss_mb: float | None = None
     start_rss_mb: float | None = None
     load_avg: tuple[float, float] | None = None   # 1-min load average before and after
     cpu_s: float | None = None    # process CPU time (all threads) during the run
-    extrapolated: bool = False
     notes: list[str] = field(default_factory=list)
     token_ids: list[list[int]] = field(default_factory=list, repr=False)  # for the agreement check
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(t.num_tokens for t in self.requests)
+
+    @property
+    def extrapolated(self) -> bool:
+        """Only some of the requests ran; whole-workload times are projected from them."""
+        return self.measured_requests < self.num_requests
 
     @property
     def tok_s(self) -> float:

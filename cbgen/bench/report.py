@@ -40,7 +40,7 @@ def ratios(rows: list[dict]) -> dict[str, dict]:
         if r["system"] == "cbgen" or not r["tok_s"]:
             continue
         out[r["system"]] = {"tok_s": round(cb["tok_s"] / r["tok_s"], 2),
-                            "time": round(r["projected_wall_s"] / cb["wall_s"], 2)}
+                            "time": round(r["projected_wall_s"] / cb["wall_s"], 2) if cb["wall_s"] else None}
     return out
 
 
@@ -70,8 +70,9 @@ def targets(result: dict) -> list[dict]:
     t.append({"target": "decode at 64 concurrent sequences >= 400 tok/s", "measured": v,
               "holds": None if v is None else v >= 400})
     busy = w.get("busy")
+    # The target is about a batch of 32; a smaller background (--quick) is measured, not judged.
     t.append({"target": "busy batch of 32: probe TTFT p50 < 1 s", "measured": busy and busy["ttft_p50_s"],
-              "holds": busy and busy["holds"]})
+              "holds": busy["holds"] if busy and busy.get("busy") == 32 else None})
     cold = w.get("coldstart")
     t.append({"target": "cold start `echo hi | cbgen run -` to first byte < 3 s",
               "measured": cold and cold["first_byte_p50_s"], "holds": cold and cold["holds"]})

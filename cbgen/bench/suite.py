@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..config import EngineConfig, ModelConfig
+from ..config import EngineConfig, ModelConfig, _check, _is_int, _is_num
 from . import report
 from .baselines import run_generate_batch, run_hf_sequential, run_hf_static
 from .coldstart import cold_start
@@ -49,7 +49,7 @@ class BenchOptions:
     real_n: int = 128
     real_max_new_tokens: int = 256
     batch_size: int = 32              # HF static batching
-    hf_max_prompts: int | None = 8    # cap for HF one-at-a-time; None = all
+    hf_max_prompts: int | None = 8    # cap for HF one-at-a-time; None or 0 = all
     arrivals_n: int = 64
     rate: float = 2.0                 # Poisson arrivals, requests/s
     concurrency: tuple[int, ...] = (1, 4, 16, 32, 64, 128)
@@ -58,7 +58,7 @@ class BenchOptions:
     probes: int = 10
     coldstart_repeats: int = 3
     max_num_seqs: int = EngineConfig.max_num_seqs
-    max_batched_tokens: int = 512
+    max_batched_tokens: int = EngineConfig.max_num_batched_tokens
     kv_cache_gb: float = EngineConfig.kv_cache_gb   # the engine's default pool
     repeats: int = 1                  # offline workloads: rounds over all systems (median + paired ratios)
 
@@ -69,11 +69,19 @@ class BenchOptions:
         bad = [s for s in self.systems if s not in SYSTEMS]
         if bad:
             raise ValueError(f"systems: unknown {bad}; known: {', '.join(SYSTEMS)}")
-        if self.repeats < 1:
-            raise ValueError(f"repeats={self.repeats}: expected >= 1")
-        if max(self.concurrency) > self.max_num_seqs or self.busy + 1 > self.max_num_seqs:
-            raise ValueError(f"concurrency {max(self.concurrency)} / busy {self.busy}+1 exceed "
-                             f"max_num_seqs={self.max_num_seqs}")
+        for name in ("uniform_n", "uniform_m", "real_n", "real_max_new_tokens", "batch_size", "arrivals_n",
+                     "decode_steps", "busy", "probes", "coldstart_repeats", "repeats"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 1, name, value, "an integer >= 1")
+        _check(self.hf_max_prompts is None or (_is_int(self.hf_max_prompts) and self.hf_max_prompts >= 0),
+               "hf_max_prompts", self.hf_max_prompts, "an integer >= 0 (0 or None = all)")
+        _check(_is_num(self.rate) and self.rate > 0, "rate", self.rate, "a number > 0 (requests/s)")
+        _check(bool(self.concurrency) and all(_is_int(c) and c >= 1 for c in self.concurrency),
+               "concurrency", self.concurrency, "one or more integers >= 1")
+        # Levels of the concurrency sweep above max_num_seqs are skipped (and said so); the
+        # busy batch needs its background plus the probe running together.
+        _check("busy" not in self.workloads or self.busy + 1 <= self.max_num_seqs, "busy", self.busy,
+               f"at most max_num_seqs - 1 = {self.max_num_seqs - 1}")
 
     @classmethod
     def quick(cls, **overrides) -> "BenchOptions":
@@ -143,7 +151,6 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
         spec = (f"{wl.num_requests} prompts x {wl.max_new_tokens} new tokens, EOS ignored" if wl.ignore_eos else
                 f"first {wl.num_requests} prompts, at most {wl.max_new_tokens} new tokens, natural EOS")
         w[name] = {"spec": spec + f", greedy, {wl.num_prompt_tokens} prompt tokens", "systems": []}
-    raw: dict[str, dict[str, RunResult]] = {name: {} for name in offline}
 
     def ecfg(pure_torch: bool = False) -> EngineConfig:
         return EngineConfig(max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_batched_tokens,
@@ -160,12 +167,14 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
     # static, cbgen; again): a slow spell of this shared machine hits both sides of a
     # ratio, and ratios are paired per round.
     runs: dict[str, dict[str, list[RunResult]]] = {name: {s: [] for s in order} for name in offline}
-    fns, engines = {}, {}
+    fns, make_cbgen = {}, None
     for system in order:
         if loaded is None or (system == "cbgen") != loaded.native:
             loaded = load("auto" if system == "cbgen" else "transformers")
-            gc.freeze()   # as cbgen run does after loading; applies to every system alike
-        fns[system], engines[system] = _system(system, loaded, opts, ecfg)
+            gc.freeze()   # cbgen run freezes too (after building its engine); every system alike
+        fns[system], make_engine = _system(system, loaded, opts, ecfg)
+        if system == "cbgen":
+            make_cbgen = make_engine
         status(f"{system}: warm-up")
         fns[system](warm)
         loaded = None
@@ -174,9 +183,9 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
         for name in offline:
             for system in order:
                 _offline_run(system, fns[system], name, wls[name], runs, status, tag)
-    if "cbgen" in engines:
-        _cbgen_only(opts, engines["cbgen"], prompts, result, status)
-    fns = engines = None
+    if make_cbgen is not None:
+        _cbgen_only(opts, make_cbgen, prompts, result, status)
+    fns = make_cbgen = None
     gc.unfreeze()
     gc.collect()
 
@@ -200,7 +209,7 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
                                     for s, r in chosen.items() if s != "cbgen"}
     if "coldstart" in opts.workloads:
         status("cold start: echo hi | cbgen run - --max-new-tokens 1")
-        w["coldstart"] = cold_start(opts.coldstart_repeats, threads=opts.threads)
+        w["coldstart"] = cold_start(opts.coldstart_repeats, model=opts.model, dtype=opts.dtype, threads=opts.threads)
     result["env"]["load_avg_end"] = load_avg()
     result["env"]["cpu_pressure_avg60_end"] = cpu_pressure()
     result["max_rss_mb"] = round(max_rss_mb(), 1)
@@ -258,7 +267,7 @@ def _cbgen_only(opts: BenchOptions, make_engine, prompts: list[list[int]], resul
         levels = []
         skipped = [c for c in opts.concurrency if c > opts.max_num_seqs]
         if skipped:
-            status(f"cbgen: concurrency {skipped} skipped: above --max-num-seqs {opts.max_num_seqs}")
+            status(f"cbgen: concurrency {skipped} skipped: above max_num_seqs={opts.max_num_seqs}")
         for c in (c for c in opts.concurrency if c <= opts.max_num_seqs):
             status(f"cbgen: decode at concurrency {c}")
             levels.append(decode_throughput(make_engine, prompts, c, opts.decode_steps))

@@ -7,12 +7,14 @@ EOS rule, greedy.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..frontends.prompting import encode
+from ..config import SamplingParams
+from ..frontends.prompting import PromptError, encode
+from ..io.reader import iter_lines
+from ..io.records import InputError, parse_line
 
 DEFAULT_PROMPTS = "../shared/bench/prompts-dev.jsonl"   # relative to the repo root
 
@@ -32,36 +34,28 @@ class Workload:
     def num_prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
 
-    def head(self, n: int) -> "Workload":
-        return Workload(self.name, self.prompts[:n], self.max_new_tokens, self.ignore_eos)
-
 
 def load_prompts(path: str | Path, tokenizer, limit: int | None = None) -> list[tuple[str, list[int]]]:
-    """(id, token ids) of the first ``limit`` lines of a JSONL prompt file.
-
-    A line holds ``messages`` (chat template applied) or ``prompt`` (also sent
-    through the chat template, as one user message, when the model has one);
-    its id is ``id`` or the line number.
-    """
+    """(id, token ids) of the first ``limit`` prompts of a prompt file, read and encoded
+    exactly as ``cbgen run`` reads its input (any format it takes; ``messages`` get the
+    chat template). A bad line is a ValueError naming the file, line and field."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} not found (pass --prompts FILE; the default "
                                 f"{DEFAULT_PROMPTS!r} is relative to the repo root)")
-    chat = bool(getattr(tokenizer, "chat_template", None))
     out: list[tuple[str, list[int]]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            rid = str(rec.get("id", lineno))
-            if "messages" in rec and chat:
-                out.append((rid, encode(tokenizer, messages=rec["messages"])))
-            else:
-                text = rec.get("prompt") or rec["messages"][-1]["content"]
-                out.append((rid, encode(tokenizer, prompt=text, chat=chat)))
+    for line in iter_lines([str(path)]):
+        if limit is not None and len(out) >= limit:
+            break
+        rec = parse_line(line.text, line.line_no, SamplingParams(), source=str(path))
+        if isinstance(rec, InputError):
+            raise ValueError(rec.message)
+        if rec is None:
+            continue
+        try:
+            out.append((rec.id, encode(tokenizer, prompt=rec.prompt, messages=rec.messages)))
+        except PromptError as e:
+            raise ValueError(f"{path} line {rec.line_no}: {e}") from None
     if not out:
         raise ValueError(f"prompt file {str(path)!r} holds no prompts")
     return out
@@ -83,8 +77,9 @@ def uniform(prompts: list[list[int]], n: int, m: int) -> Workload:
 
 
 def real(prompts: list[list[int]], n: int, max_new_tokens: int) -> Workload:
-    """The first ``n`` prompts, natural EOS, at most ``max_new_tokens``."""
-    return Workload("real", _cycle(prompts, n), max_new_tokens, ignore_eos=False)
+    """The first ``n`` prompts (all of them if fewer: repeats would be prefix-cache hits for
+    cbgen only), natural EOS, at most ``max_new_tokens``."""
+    return Workload("real", prompts[:n], max_new_tokens, ignore_eos=False)
 
 
 def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:

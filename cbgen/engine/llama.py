@@ -227,7 +227,7 @@ class LlamaForward:
         cos, sin = self.rotary(h.unsqueeze(0), positions.unsqueeze(0))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)                  # [T, 1, D]
         eps, fused = self.eps, batch.fused
-        norms = [L.in_norm for L in self.layers[1:]] + [self.norm]   # the norm after each layer
+        last = len(self.layers) - 1
 
         def add_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor):
             """(h + delta, RMSNorm of that): the residual stream and the next block's input."""
@@ -245,10 +245,14 @@ class LlamaForward:
             o = attend(batch, i, q, k, v, self.scale)
             h, x = add_norm(h, L.o(o.view(T, qd)), L.post_norm)
             gu = L.gate_up(x)
-            h, x = add_norm(h, L.down(F.silu(gu[:, :I]) * gu[:, I:]), norms[i])
+            mlp = L.down(F.silu(gu[:, :I]) * gu[:, I:])
+            if i < last:
+                h, x = add_norm(h, mlp, self.layers[i + 1].in_norm)
         if keep.numel() == 0:
             return None
-        return self.lm_head(x[keep])
+        # After the last layer only the sampling rows matter (one per prefill chunk).
+        _, x = add_norm(h[keep], mlp[keep], self.norm)
+        return self.lm_head(x)
 
 
 class NativeLlama:

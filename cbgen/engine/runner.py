@@ -38,6 +38,12 @@ class KVGeometry:
     head_dim: int
     dtype_bytes: int
 
+    @classmethod
+    def of_config(cls, c, dtype_bytes: int) -> "KVGeometry":
+        """From a transformers-style config (no check that the engine serves it)."""
+        kvh = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return cls(c.num_hidden_layers, c.num_attention_heads, kvh, head_dim_of(c), dtype_bytes)
+
     @property
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
@@ -52,9 +58,7 @@ def kv_geometry(model) -> KVGeometry:
     if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True):
         raise UnsupportedModelError(f"model type {c.model_type!r} with sliding_window="
                                     f"{c.sliding_window} is not supported by the paged engine")
-    head_dim = head_dim_of(c)
-    kvh = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    return KVGeometry(c.num_hidden_layers, c.num_attention_heads, kvh, head_dim, model.dtype.itemsize)
+    return KVGeometry.of_config(c, model.dtype.itemsize)
 
 
 def num_blocks_for(cfg: EngineConfig, geo: KVGeometry, max_model_len: int) -> int:
