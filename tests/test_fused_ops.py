@@ -80,3 +80,52 @@ def test_bf16_logits_with_and_without_it_agree(tiny_loaded, ops):
     assert fused.shape == plain.shape == (3, tiny_loaded.model.config.vocab_size)
     assert (fused - plain).abs().max().item() <= 0.02 * plain.abs().max().item()
     assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+
+
+def test_argmax_is_torchs_on_float32(ops):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 1000, generator=g).bfloat16()
+    x[1, 10] = x[1, 500] = 40          # tie: the first index
+    x[2, :] = float("-inf")            # all -inf: index 0
+    x[3, 7] = float("nan")             # NaN wins, as in torch
+    x[3, 700] = 99
+    x[4, 999] = float("inf")
+    assert torch.equal(ops.argmax(x), x.float().argmax(-1))
+    assert ops.argmax(x)[[1, 2, 3, 4]].tolist() == [10, 0, 7, 999]
+
+
+def test_sampler_uses_it_only_for_plain_greedy_rows(ops):
+    from cbgen.config import SamplingParams
+    from cbgen.engine.request import Request
+    from cbgen.engine.sampler import sample
+
+    calls = []
+
+    def spy(logits):
+        calls.append(logits.shape)
+        return ops.argmax(logits)
+
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(1)).bfloat16()
+    greedy = [Request(str(i), [1, 2], SamplingParams(), frozenset()) for i in range(2)]
+    assert sample(logits, greedy, spy).token_ids == logits.float().argmax(-1).tolist()
+    assert calls == [(2, 50)]
+    for params in (SamplingParams(temperature=0.7, seed=1), SamplingParams(logprobs=True),
+                   SamplingParams(repetition_penalty=1.3), SamplingParams(min_new_tokens=3)):
+        reqs = [greedy[0], Request("x", [1, 2], params, frozenset())]
+        sample(logits, reqs, spy)
+        assert len(calls) == 1, params      # the float32 path handled it
+
+
+@pytest.mark.parametrize("T", [1, 5, 64])
+def test_rope_is_bit_identical_to_the_torch_ops(ops, T):
+    from cbgen.engine.llama import DefaultRope, _rope
+
+    H, KVH, D = 9, 3, 64
+    g = torch.Generator().manual_seed(T)
+    qkv = (torch.randn(T, (H + 2 * KVH) * D, generator=g) * 4).bfloat16()
+    cos, sin = DefaultRope(10000.0, D)(qkv.unsqueeze(0), torch.arange(100, 100 + T).unsqueeze(0))
+    cos, sin = cos[0].bfloat16().contiguous(), sin[0].bfloat16().contiguous()
+    q, k = ops.rope_qk(qkv, cos, sin, H, KVH)
+    assert torch.equal(q, _rope(qkv[:, :H * D].view(T, H, D), cos.unsqueeze(1), sin.unsqueeze(1)))
+    assert torch.equal(k, _rope(qkv[:, H * D:(H + KVH) * D].view(T, KVH, D), cos.unsqueeze(1), sin.unsqueeze(1)))
+    assert q.is_contiguous() and k.is_contiguous()

@@ -1,11 +1,12 @@
-"""Fused residual add + RMSNorm for bf16 llama layers (csrc/fused_ops.c): one native
-pass instead of 9 torch ops, twice per layer.
+"""Native bf16 ops (csrc/fused_ops.c): residual add + RMSNorm for llama layers (one
+pass instead of 9 torch ops, twice per layer), RoPE on q and k (one pass instead of
+~10 ops) and the greedy argmax over bf16 logits (no float32 copy of [rows, vocab]).
 
 Contract: ``load()`` returns a ``FusedOps`` or None (switched off, no compiler:
 the forward keeps its torch ops). Only bfloat16 on CPU: float32 models keep the
 torch ops, whose bit-for-bit parity with transformers is the fidelity check.
-It matches the torch ops it replaces up to an occasional bf16 ulp
-(tests/test_fused_ops.py).
+The norm matches the torch ops it replaces up to an occasional bf16 ulp; RoPE and the
+argmax match exactly (tests/test_fused_ops.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ class FusedOps:
         self._add_rms = lib.add_rmsnorm_bf16
         self._add_rms.argtypes = [_P, _P, _P, _P, _I, _I, _F, _I]
         self._add_rms.restype = None
+        self._rope = lib.rope_qk_bf16
+        self._rope.argtypes = [_P, ctypes.c_int64, _P, _P, _P, _P, _I, _I, _I, _I, _I]
+        self._rope.restype = None
+        self._argmax = lib.argmax_rows_bf16
+        self._argmax.argtypes = [_P, _I, _I, _P, _I]
+        self._argmax.restype = None
 
     def add_rmsnorm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                     eps: float) -> torch.Tensor:
@@ -35,6 +42,27 @@ class FusedOps:
         out = torch.empty_like(h)
         self._add_rms(h.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
                       out.data_ptr(), T, n, eps, torch.get_num_threads())
+        return out
+
+    def rope_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE'd q [T, H, D] and k [T, KVH, D] from the q/k/v projection ``qkv`` [T, >= (H + KVH) * D]
+        (rows may be strided), with cos/sin [T, D]; bit-identical to ``llama._rope`` in bf16."""
+        T = qkv.shape[0]
+        D = cos.shape[1]
+        assert qkv.dtype == cos.dtype == sin.dtype == torch.bfloat16 and qkv.stride(1) == 1
+        assert cos.is_contiguous() and sin.is_contiguous() and qkv.shape[1] >= (num_heads + num_kv_heads) * D
+        q = qkv.new_empty(T, num_heads, D)
+        k = qkv.new_empty(T, num_kv_heads, D)
+        self._rope(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(),
+                   T, num_heads, num_kv_heads, D, torch.get_num_threads())
+        return q, k
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits.float().argmax(-1)`` for [rows, V] contiguous bf16, without the float32 copy."""
+        assert logits.dtype == torch.bfloat16 and logits.is_contiguous() and logits.dim() == 2
+        out = torch.empty(logits.shape[0], dtype=torch.int64)
+        self._argmax(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), torch.get_num_threads())
         return out
 
 

@@ -225,7 +225,8 @@ class LlamaForward:
         qd, kd = H * D, KVH * D
         h = F.embedding(ids, self.embed)
         cos, sin = self.rotary(h.unsqueeze(0), positions.unsqueeze(0))
-        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)                  # [T, 1, D]
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()                  # [T, D]
+        cos3, sin3 = cos.unsqueeze(1), sin.unsqueeze(1)                      # [T, 1, D], per head
         eps, fused = self.eps, batch.fused
         last = len(self.layers) - 1
 
@@ -239,8 +240,11 @@ class LlamaForward:
         h, x = add_norm(h, None, self.layers[0].in_norm)
         for i, L in enumerate(self.layers):
             qkv = L.qkv(x)
-            q = _rope(qkv[:, :qd].view(T, H, D), cos, sin)
-            k = _rope(qkv[:, qd:qd + kd].view(T, KVH, D), cos, sin)
+            if fused is not None:
+                q, k = fused.rope_qk(qkv, cos, sin, H, KVH)
+            else:
+                q = _rope(qkv[:, :qd].view(T, H, D), cos3, sin3)
+                k = _rope(qkv[:, qd:qd + kd].view(T, KVH, D), cos3, sin3)
             v = qkv[:, qd + kd:].view(T, KVH, D)
             o = attend(batch, i, q, k, v, self.scale)
             h, x = add_norm(h, L.o(o.view(T, qd)), L.post_norm)

@@ -99,7 +99,7 @@ class ModelRunner:
         if self.kernel is None and cfg.attention == "native":
             raise UnsupportedModelError(f"attention='native' is unavailable: {why}; use 'auto' or 'torch'")
         self.native = self._pick_forward(cfg)
-        # Native residual add + RMSNorm: bf16 only (float32 keeps transformers' exact ops).
+        # Native residual add + RMSNorm and greedy argmax: bf16 only (float32 keeps exact torch ops).
         self.fused = (fused_ops.load(cache_root() / "kernels") if self.native is not None
                       and model.dtype == torch.bfloat16 and self.device.type == "cpu" else None)
         if self.native is None:
@@ -196,7 +196,8 @@ class ModelRunner:
         samplers = [s.request for s in out.scheduled if s.samples]
         if self.native is not None:
             logits = self.native.forward(input_ids[0], positions[0], batch, keep)
-            return sample(logits, samplers) if samplers else SampleResult([], None)
+            argmax = self.fused.argmax if self.fused is not None else None
+            return sample(logits, samplers, argmax) if samplers else SampleResult([], None)
         if not samplers:
             self.model.base_model(input_ids=input_ids, position_ids=positions, use_cache=False, cbgen_batch=batch)
             return SampleResult([], None)

@@ -8,6 +8,7 @@ output whatever else is in the batch, and after a preemption.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -86,8 +87,19 @@ def _noise(probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     return q
 
 
-def sample(logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
-    """``logits`` [len(reqs), V] for the requests that sample this step, in order."""
+def _plain_greedy(r: Request) -> bool:
+    p = r.params
+    return p.greedy and not p.has_penalties and not p.logprobs and r.num_output_tokens >= p.min_new_tokens
+
+
+def sample(logits: torch.Tensor, reqs: list[Request],
+           argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SampleResult:
+    """``logits`` [len(reqs), V] for the requests that sample this step, in order.
+
+    ``argmax``: a native ``logits.float().argmax(-1)`` for bf16 logits (fused_ops),
+    used when every row is plain greedy, the common batch-job step."""
+    if argmax is not None and logits.dtype == torch.bfloat16 and all(_plain_greedy(r) for r in reqs):
+        return SampleResult(argmax(logits.contiguous()).tolist(), None)
     logits = logits.float()
     want_lp = any(r.params.logprobs for r in reqs)
     raw_lp = logits.log_softmax(-1) if want_lp else None
