@@ -34,10 +34,13 @@ def fail(message: str, code: int = 2) -> None:
 def _load(model: str | None, dtype: str, threads: int | None):
     """Load the model, turning every expected failure into a one-line error."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never a network hang
+    from .compute import compute_thread
     from .models import ModelError, load_model
     try:
         cfg = ModelConfig(model=model, dtype=dtype, threads=threads)
-        return load_model(cfg, status=lambda msg: err.print(msg, style="dim", highlight=False))
+        # On the compute thread, where the engine will step: one OpenMP team (cbgen/compute.py).
+        return compute_thread().call(load_model, cfg, status=lambda msg: err.print(msg, style="dim",
+                                                                                    highlight=False))
     except (ModelError, ValueError) as e:
         fail(str(e))
 
@@ -53,10 +56,11 @@ def _engine_config(max_num_seqs: int, max_batched_tokens: int, kv_cache_gb: floa
 
 
 def _engine(loaded, cfg: EngineConfig):
+    from .compute import compute_thread
     from .engine.engine import Engine
     from .engine.runner import UnsupportedModelError
     try:
-        engine = Engine.from_loaded(loaded, cfg)
+        engine = compute_thread().call(Engine.from_loaded, loaded, cfg)
     except (UnsupportedModelError, ValueError) as e:
         fail(str(e))
     # torch + transformers leave ~1M tracked objects; without this the first full
@@ -175,8 +179,9 @@ def bench(
     workloads: str = typer.Option("uniform,real,arrivals,concurrency,busy,coldstart", "--workloads",
                                   help="Comma list of uniform, real, arrivals, concurrency, busy, coldstart."),
     systems: str = typer.Option("hf,static,generate_batch,cbgen", "--systems",
-                                help="Comma list of hf, static, generate_batch, cbgen-torch, cbgen "
-                                     "(cbgen-torch: without its native kernel and forward, for A/B)."),
+                                help="Comma list of hf, static, generate_batch, cbgen-torch, cbgen-direct, cbgen "
+                                     "(cbgen-torch: without its native kernel and forward, for A/B; "
+                                     "cbgen-direct: Engine.generate without the Driver, a diagnostic)."),
     out: str = typer.Option("benchmarks/out", "--out", help="Directory for bench-<timestamp>.json and .png."),
     quick: bool = typer.Option(False, "--quick", help="Small sizes (a smoke test, not a measurement)."),
     hf_max_prompts: Optional[int] = typer.Option(None, "--hf-max-prompts",

@@ -1,7 +1,12 @@
 """cbgen's own runs: offline workloads, Poisson arrivals, the concurrency sweep, busy-batch TTFT.
 
 Each run takes ``make_engine``, a zero-argument factory, and builds a fresh
-engine so that no run sees another's prefix cache.
+engine so that no run sees another's prefix cache. The ``cbgen`` figure runs
+through the Driver, the loop `cbgen run` and `cbgen chat` use (stepping on the
+compute thread, requests and events on this one); ``Engine.generate`` stepped
+inline is kept only as the ``cbgen-direct`` diagnostic. Loops that step the
+engine themselves (arrivals, the concurrency sweep) are run on the compute
+thread by the caller, so the process never has a second OpenMP team.
 """
 
 from __future__ import annotations
@@ -31,14 +36,35 @@ def _result(system: str, workload: str, wl: Workload, outs: list, wall: float,
                      token_ids=[list(o.token_ids) for o in outs] if keep_token_ids else [])
 
 
+def _drive(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list:
+    """Every prompt submitted through a Driver at once; the final outputs (sample 0) in order."""
+    final = {}
+    with Driver(engine) as driver:
+        for i, ids in enumerate(prompts):
+            driver.submit(str(i), ids, params)
+        while len(final) < len(prompts):
+            ev = driver.events.get(timeout=600)
+            if isinstance(ev, EngineFailed):
+                raise ev.error
+            if ev.finished and ev.index == 0:
+                final[int(ev.request_id)] = ev
+    return [final[i] for i in range(len(prompts))]
+
+
 def run_cbgen(make_engine: EngineFactory, wl: Workload, system: str = "cbgen") -> RunResult:
-    """All requests submitted at t0, then ``step()`` until none is unfinished."""
+    """All requests submitted at t0 through the Driver (as `cbgen run` does); ``cbgen-direct``
+    steps ``Engine.generate`` on the compute thread instead (a diagnostic: no event queue)."""
+    from ..compute import compute_thread
     engine = make_engine()
     t0 = now()
-    outs = engine.generate(wl.prompts, _params(wl))
+    if system == "cbgen-direct":
+        outs = compute_thread().call(engine.generate, wl.prompts, _params(wl))
+    else:
+        outs = _drive(engine, wl.prompts, _params(wl))
     res = _result(system, wl.name, wl, outs, now() - t0, keep_token_ids=True)
     st = engine.stats()
-    res.notes.append(f"attention={'native' if engine.runner.kernel else 'torch'}, "
+    res.notes.append(f"path={'Engine.generate (diagnostic)' if system == 'cbgen-direct' else 'Driver'}, "
+                     f"attention={'native' if engine.runner.kernel else 'torch'}, "
                      f"forward={'native' if engine.runner.native else 'transformers'}, "
                      f"max_num_seqs={engine.config.max_num_seqs}, budget={engine.config.max_num_batched_tokens} "
                      f"tokens/step, {st.num_kv_blocks} KV blocks, {st.num_steps} steps, "

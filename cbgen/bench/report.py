@@ -7,7 +7,9 @@ from pathlib import Path
 
 SYSTEM_LABELS = {"hf": "HF generate, one at a time", "static": "HF static batching",
                  "generate_batch": "transformers generate_batch",
-                 "cbgen-torch": "cbgen, pure torch (HF modules, gather + SDPA)", "cbgen": "cbgen"}
+                 "cbgen-torch": "cbgen, pure torch (HF modules, gather + SDPA)",
+                 "cbgen-direct": "cbgen, Engine.generate on the compute thread (diagnostic: no Driver)",
+                 "cbgen": "cbgen"}   # through the Driver, as `cbgen run` (see engine_runs.py)
 
 
 def _f(v, fmt: str = "{:.2f}") -> str:

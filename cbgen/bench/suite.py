@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..compute import compute_thread
 from ..config import EngineConfig, ModelConfig, _check, _is_int, _is_num
 from . import report
 from .baselines import run_generate_batch, run_hf_sequential, run_hf_static
@@ -25,7 +26,7 @@ from .engine_runs import busy_batch_ttft, decode_throughput, run_arrivals, run_c
 from .measure import RssSampler, RunResult, cpu_pressure, load_avg, max_rss_mb
 from .workloads import DEFAULT_PROMPTS, Workload, load_prompt_ids, real, uniform
 
-SYSTEMS = ("hf", "static", "generate_batch", "cbgen-torch", "cbgen")
+SYSTEMS = ("hf", "static", "generate_batch", "cbgen-torch", "cbgen-direct", "cbgen")
 # cbgen-torch (opt-in): the engine without its native parts (transformers' modules,
 # gather + SDPA attention), to measure what the kernel and the native forward buy.
 DEFAULT_SYSTEMS = ("hf", "static", "generate_batch", "cbgen")
@@ -117,9 +118,11 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
 
     from ..models import load_model
 
+    ct = compute_thread()   # every torch op of every system runs there: one OpenMP team (cbgen/compute.py)
     if load is None:
         def load(impl: str):
-            return load_model(ModelConfig(model=opts.model, dtype=opts.dtype, threads=opts.threads, impl=impl))
+            return ct.call(load_model, ModelConfig(model=opts.model, dtype=opts.dtype, threads=opts.threads,
+                                                   impl=impl))
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     loaded = load("transformers")
@@ -169,8 +172,9 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
     runs: dict[str, dict[str, list[RunResult]]] = {name: {s: [] for s in order} for name in offline}
     fns, make_cbgen = {}, None
     for system in order:
-        if loaded is None or (system == "cbgen") != loaded.native:
-            loaded = load("auto" if system == "cbgen" else "transformers")
+        native = system in ("cbgen", "cbgen-direct")
+        if loaded is None or native != loaded.native:
+            loaded = load("auto" if native else "transformers")
             gc.freeze()   # cbgen run freezes too (after building its engine); every system alike
         fns[system], make_engine = _system(system, loaded, opts, ecfg)
         if system == "cbgen":
@@ -233,15 +237,16 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
 def _system(system: str, loaded, opts: BenchOptions, ecfg) -> tuple[Callable, Callable]:
     """(run one workload, engine factory) for ``system`` on ``loaded``'s model."""
     from ..engine.engine import Engine
-    model = loaded.model
+    model, ct = loaded.model, compute_thread()
 
     def make_engine(_pure=system == "cbgen-torch"):
-        return Engine.from_loaded(loaded, ecfg(_pure))
+        return ct.call(Engine.from_loaded, loaded, ecfg(_pure))
 
-    fn = {"hf": lambda wl: run_hf_sequential(model, wl, opts.hf_max_prompts),
-          "static": lambda wl: run_hf_static(model, wl, opts.batch_size),
-          "generate_batch": lambda wl: run_generate_batch(model, wl, opts.kv_cache_gb),
+    fn = {"hf": lambda wl: ct.call(run_hf_sequential, model, wl, opts.hf_max_prompts),
+          "static": lambda wl: ct.call(run_hf_static, model, wl, opts.batch_size),
+          "generate_batch": lambda wl: ct.call(run_generate_batch, model, wl, opts.kv_cache_gb),
           "cbgen-torch": lambda wl: run_cbgen(make_engine, wl, "cbgen-torch"),
+          "cbgen-direct": lambda wl: run_cbgen(make_engine, wl, "cbgen-direct"),
           "cbgen": lambda wl: run_cbgen(make_engine, wl)}[system]
     return fn, make_engine
 
@@ -259,7 +264,7 @@ def _cbgen_only(opts: BenchOptions, make_engine, prompts: list[list[int]], resul
     if "arrivals" in opts.workloads:
         wl = real(prompts, opts.arrivals_n, opts.real_max_new_tokens)
         status(f"cbgen: arrivals ({wl.num_requests} requests at {opts.rate}/s)")
-        res = _timed(run_arrivals, make_engine, wl, opts.rate)
+        res = _timed(compute_thread().call, run_arrivals, make_engine, wl, opts.rate)
         w["arrivals"] = {"spec": f"{wl.num_requests} real prompts, Poisson {opts.rate} req/s, "
                                  f"at most {wl.max_new_tokens} new tokens, natural EOS",
                          "result": res.summary()}
@@ -270,7 +275,7 @@ def _cbgen_only(opts: BenchOptions, make_engine, prompts: list[list[int]], resul
             status(f"cbgen: concurrency {skipped} skipped: above max_num_seqs={opts.max_num_seqs}")
         for c in (c for c in opts.concurrency if c <= opts.max_num_seqs):
             status(f"cbgen: decode at concurrency {c}")
-            levels.append(decode_throughput(make_engine, prompts, c, opts.decode_steps))
+            levels.append(compute_thread().call(decode_throughput, make_engine, prompts, c, opts.decode_steps))
             status(f"cbgen: concurrency {c}: {levels[-1]['tok_s']} tok/s")
         w["concurrency"] = {"spec": f"{opts.decode_steps} timed decode steps after all sequences prefilled",
                             "levels": levels}
