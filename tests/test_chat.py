@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import time
 
 import pytest
@@ -18,8 +17,9 @@ from cbgen.cli import app as cli_app
 from cbgen.config import EngineConfig, SamplingParams
 from cbgen.engine.engine import Engine
 from cbgen.frontends.chat import ChatApp
+from cbgen.frontends.chat_commands import handle
 from cbgen.frontends.chat_session import ChatSession
-from cbgen.frontends.chat_view import live_view
+from cbgen.frontends.chat_view import live_view, render_answer
 from cbgen.frontends.driver import Driver
 from cbgen.frontends.prompting import encode
 
@@ -46,25 +46,22 @@ def engine(tiny_loaded):
 
 @pytest.fixture
 def chat(engine, tiny_loaded):
-    """A started session; ``chat.echoed`` collects what it printed above the prompt (plain text)."""
+    """A started session; ``chat.echoed`` collects the answers as the app prints them (plain text)."""
     with Driver(engine) as driver:
         s = ChatSession(driver, tiny_loaded.tokenizer, FIXED, model_name="tiny")
         s.echoed = []
-        s.echo = lambda frags: s.echoed.append("".join(t for _, t in frags))
+        s.finished.append(lambda seq: s.echoed.append("".join(t for _, t in render_answer(seq)))
+                          if seq.state == "done" else None)
         yield s
         s.close()
 
 
 def pump(s: ChatSession, until, timeout: float = 120.0) -> None:
-    """Feed Driver events to the session (as the app's pump does) until ``until()``."""
+    """Feed Driver events to the session (as the front-ends do) until ``until()``."""
     deadline = time.monotonic() + timeout
     while not until():
         assert time.monotonic() < deadline, "timed out waiting for the engine"
-        try:
-            s.on_event(s.driver.events.get(timeout=0.05))
-        except queue.Empty:
-            pass
-        s.tick()
+        s.poll(timeout=0.05)
 
 
 def all_done(s: ChatSession):
@@ -74,7 +71,7 @@ def all_done(s: ChatSession):
 # ---- ChatSession -------------------------------------------------------------------
 def test_three_prompts_run_in_one_batch(chat, engine):
     for p in ("one", "two", "three"):
-        assert chat.handle(p) == ""
+        assert handle(chat, p) == ""
     pump(chat, all_done(chat))
     outs = [chat.seqs[n].output for n in (1, 2, 3)]
     assert all(o.finish_reason.value == "length" and len(o.token_ids) == 24 for o in outs)
@@ -87,7 +84,7 @@ def test_three_prompts_run_in_one_batch(chat, engine):
 def test_live_view_has_one_line_per_running_sequence(chat):
     chat.defaults = FIXED.replace(max_new_tokens=1500)
     for p in ("one", "two", "three"):
-        chat.handle(p)
+        handle(chat, p)
     pump(chat, lambda: all(chat.seqs[n].num_tokens >= 3 for n in (1, 2, 3)))
     warm = time.monotonic() + 0.25
     pump(chat, lambda: time.monotonic() > warm)   # past the per-sequence tok/s warm-up
@@ -97,9 +94,9 @@ def test_live_view_has_one_line_per_running_sequence(chat):
         assert line.startswith(f"#{n:<4}decode") and "/1500" in line and len(line) <= 99
         assert line.split()[3].replace(".", "").isdigit()                  # tok/s
         assert " ".join(chat.seqs[n].text.split())[-10:] in line           # the latest words
-    chat.handle("/cancel 3")
+    handle(chat, "/cancel 3")
     assert "cancelling" in "".join(t for _, t in live_view(chat, 100, 40)).split("\n")[3]
-    chat.handle("/cancel all")
+    handle(chat, "/cancel all")
     pump(chat, all_done(chat))
     assert "".join(t for _, t in live_view(chat, 100, 40)).startswith("idle")
 
@@ -107,42 +104,42 @@ def test_live_view_has_one_line_per_running_sequence(chat):
 def test_cancel_2_stops_only_2(chat):
     chat.defaults = FIXED.replace(max_new_tokens=80)
     for p in ("one", "two", "three"):
-        chat.handle(p)
+        handle(chat, p)
     pump(chat, lambda: chat.seqs[2].num_tokens >= 2)
-    assert chat.handle("/cancel 2") == "cancelling #2"
+    assert handle(chat, "/cancel 2") == "cancelling #2"
     pump(chat, all_done(chat))
     reasons = {n: chat.seqs[n].finish_reason for n in (1, 2, 3)}
     assert reasons == {1: "length", 2: "abort", 3: "length"}
     assert 2 <= chat.seqs[2].num_tokens < 80 and chat.seqs[2].text  # its partial answer is kept
-    assert chat.handle("/cancel 2") == "#2 is not running (done)"
-    assert chat.handle("/cancel 9").startswith("no sequence 9")
+    assert handle(chat, "/cancel 2") == "#2 is not running (done)"
+    assert handle(chat, "/cancel 9").startswith("no sequence 9")
 
 
 def test_set_validates_through_sampling_params(chat):
-    assert chat.handle("/set temperature -1") == \
+    assert handle(chat, "/set temperature -1") == \
         "temperature=-1.0 is invalid: expected a number in [0, 100] (0 = greedy)"
     assert chat.defaults.temperature == 0.0
-    assert chat.handle("/set temperature abc") == "temperature: 'abc' is not a number"
-    assert chat.handle("/set temprature 1") == "unknown setting 'temprature' (did you mean 'temperature'?); " \
+    assert handle(chat, "/set temperature abc") == "temperature: 'abc' is not a number"
+    assert handle(chat, "/set temprature 1") == "unknown setting 'temprature' (did you mean 'temperature'?); " \
                                                "/set lists them"
-    assert chat.handle("/set n 2").startswith("n cannot be set")
-    assert chat.handle("/set temperature 0.5") == "temperature=0.5 for new prompts"
-    assert chat.handle("/set max_tokens 7") == "max_new_tokens=7 for new prompts"
-    assert chat.handle('/set stop "a b" c') == "stop=['a b', 'c'] for new prompts"
-    assert chat.handle("/set seed none") == "seed=None for new prompts"
-    assert chat.handle("/set ignore_eos maybe") == "ignore_eos: 'maybe' is not true or false"
+    assert handle(chat, "/set n 2").startswith("n cannot be set")
+    assert handle(chat, "/set temperature 0.5") == "temperature=0.5 for new prompts"
+    assert handle(chat, "/set max_tokens 7") == "max_new_tokens=7 for new prompts"
+    assert handle(chat, '/set stop "a b" c') == "stop=['a b', 'c'] for new prompts"
+    assert handle(chat, "/set seed none") == "seed=None for new prompts"
+    assert handle(chat, "/set ignore_eos maybe") == "ignore_eos: 'maybe' is not true or false"
     assert chat.defaults == FIXED.replace(temperature=0.5, max_new_tokens=7, stop=("a b", "c"))
-    chat.handle("hi")
+    handle(chat, "hi")
     assert chat.seqs[1].params.temperature == 0.5   # new prompts take the new defaults
 
 
 def test_save_writes_run_records(chat, tmp_path, tiny_model_dir):
     chat.defaults = FIXED.replace(max_new_tokens=5)
     for p in ("one", "two", "three"):
-        chat.handle(p)
+        handle(chat, p)
     pump(chat, all_done(chat))
     path = tmp_path / "session.jsonl"
-    assert chat.handle(f"/save {path}") == f"saved 3 records to {path}"
+    assert handle(chat, f"/save {path}") == f"saved 3 records to {path}"
     recs = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["id"] for r in recs] == ["1", "2", "3"]
     assert [r["text"] for r in recs] == [chat.seqs[n].text for n in (1, 2, 3)]
@@ -155,29 +152,29 @@ def test_save_writes_run_records(chat, tmp_path, tiny_model_dir):
     run = CliRunner().invoke(cli_app, ["run", str(src), "-n", "3", "-q", "--model", str(tiny_model_dir)])
     assert run.exit_code == 0, run.stderr
     assert all(set(r) == set(json.loads(run.stdout)) | {"messages"} for r in recs)
-    assert chat.handle("/save /nonexistent-dir/x.jsonl").startswith("cannot save to /nonexistent-dir/x.jsonl")
+    assert handle(chat, "/save /nonexistent-dir/x.jsonl").startswith("cannot save to /nonexistent-dir/x.jsonl")
 
 
 def test_show_and_list(chat):
     chat.defaults = FIXED.replace(max_new_tokens=6)
-    chat.handle("tell me about the fox")
-    chat.handle("and the dog")
+    handle(chat, "tell me about the fox")
+    handle(chat, "and the dog")
     pump(chat, all_done(chat))
-    shown = chat.handle("/show 1")
+    shown = handle(chat, "/show 1")
     assert shown.startswith("#1 · done length · 6/6 tokens\n> tell me about the fox\n")
     assert shown.endswith(chat.seqs[1].text)
-    assert chat.handle("/show #2").startswith("#2 · done length")
-    assert chat.handle("/show 3") == "no sequence 3: expected one of #1..#2"
-    rows = chat.handle("/list").splitlines()
+    assert handle(chat, "/show #2").startswith("#2 · done length")
+    assert handle(chat, "/show 3") == "no sequence 3: expected one of #1..#2"
+    rows = handle(chat, "/list").splitlines()
     assert len(rows) == 2 and rows[0].startswith("#1   done length") and "tell me about the fox" in rows[0]
 
 
 def test_thread_builds_a_multi_turn_prompt(chat):
     chat.defaults = FIXED.replace(max_new_tokens=4)
-    chat.handle("/system Be brief.")
-    chat.handle("first question")
-    assert chat.handle("/thread 1").startswith("thread #1: next prompts continue its conversation (they start")
-    assert chat.handle("second question") == "#2 will start when #1 finishes"   # #1 still answering
+    handle(chat, "/system Be brief.")
+    handle(chat, "first question")
+    assert handle(chat, "/thread 1").startswith("thread #1: next prompts continue its conversation (they start")
+    assert handle(chat, "second question") == "#2 will start when #1 finishes"   # #1 still answering
     assert chat.seqs[2].state == "held"
     pump(chat, all_done(chat))
     one, two = chat.seqs[1], chat.seqs[2]
@@ -185,36 +182,36 @@ def test_thread_builds_a_multi_turn_prompt(chat):
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "first question"},
         {"role": "assistant", "content": one.text}, {"role": "user", "content": "second question"}]
     assert two.output.metrics.num_prompt_tokens == len(encode(chat.tokenizer, messages=two.messages))
-    chat.handle("third")                      # the thread follows its newest turn
+    handle(chat, "third")                      # the thread follows its newest turn
     assert chat.seqs[3].parent == 2 and len(chat.seqs[3].messages) == 6
-    assert chat.handle("/thread off").startswith("thread off")
-    chat.handle("fresh")
+    assert handle(chat, "/thread off").startswith("thread off")
+    handle(chat, "fresh")
     assert chat.seqs[4].parent is None and len(chat.seqs[4].messages) == 2
     pump(chat, all_done(chat))
 
 
 def test_interrupt_cancels_the_focus_and_quit_asks_first(chat):
     chat.defaults = FIXED.replace(max_new_tokens=200)
-    chat.handle("a")
-    chat.handle("b")
+    handle(chat, "a")
+    handle(chat, "b")
     assert chat.interrupt() == "cancelling #2"          # the most recent running one
-    assert chat.handle("/quit").startswith("1 sequence still running")
+    assert handle(chat, "/quit").startswith("1 sequence still running")
     assert not chat.exit_requested
-    chat.handle("/list")                                # anything in between disarms the confirmation
-    assert chat.handle("/quit").startswith("1 sequence still running")
-    assert chat.handle("/quit") == "" and chat.exit_requested
+    handle(chat, "/list")                                # anything in between disarms the confirmation
+    assert handle(chat, "/quit").startswith("1 sequence still running")
+    assert handle(chat, "/quit") == "" and chat.exit_requested
     pump(chat, lambda: chat.seqs[2].state == "done")
     assert chat.seqs[2].finish_reason == "abort"
 
 
 def test_unknown_commands_and_escaped_slash(chat):
-    assert chat.handle("/lsit") == "unknown command /lsit (did you mean /list?); /help lists them"
-    assert "/thread N" in chat.handle("/help")
+    assert handle(chat, "/lsit") == "unknown command /lsit (did you mean /list?); /help lists them"
+    assert "/thread N" in handle(chat, "/help")
     chat.defaults = FIXED.replace(max_new_tokens=2)
-    chat.handle("//etc/passwd is a path")
+    handle(chat, "//etc/passwd is a path")
     assert chat.seqs[1].prompt == "/etc/passwd is a path"
     pump(chat, all_done(chat))
-    assert "KV cache" in chat.handle("/stats")
+    assert "KV cache" in handle(chat, "/stats")
 
 
 # ---- the real prompt-toolkit app ------------------------------------------------------
