@@ -1,10 +1,13 @@
-"""`cbgen chat`: ChatSession logic on the tiny model, and the real prompt-toolkit app
-driven through a pipe input (``create_pipe_input`` + ``DummyOutput``)."""
+"""`cbgen chat`: ChatSession logic on the tiny model, the real prompt-toolkit app
+driven through a pipe input (``create_pipe_input`` + ``DummyOutput``), piped input
+(``PipedChat`` on byte streams) and ``--json-log``. Real processes: test_cli_chat.py."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import os
 import time
 
 import pytest
@@ -18,6 +21,8 @@ from cbgen.config import EngineConfig, SamplingParams
 from cbgen.engine.engine import Engine
 from cbgen.frontends.chat import ChatApp
 from cbgen.frontends.chat_commands import handle
+from cbgen.frontends.chat_log import JsonLog
+from cbgen.frontends.chat_pipe import PipedChat
 from cbgen.frontends.chat_session import ChatSession
 from cbgen.frontends.chat_view import live_view, render_answer
 from cbgen.frontends.driver import Driver
@@ -316,3 +321,115 @@ def test_app_finishes_running_sequences_when_the_input_closes(chat):
     assert code == 0
     assert [chat.seqs[n].finish_reason for n in (1, 2)] == ["length", "length"]
     assert sum(p.startswith("── #") for p in printed) == 2
+
+
+def test_app_json_log_has_each_record_as_soon_as_it_finishes(chat, tmp_path):
+    path = tmp_path / "log.jsonl"
+    chat.finished.append(JsonLog(str(path), "tiny"))
+    chat.defaults = FIXED.replace(max_new_tokens=4)
+
+    async def script(inp, wait, app, printed):
+        inp.send_text("quick\r")
+        await wait(lambda: 1 in chat.seqs and chat.seqs[1].state == "done")
+        logged = [json.loads(line) for line in path.read_text().splitlines()]   # flushed, not at exit
+        assert [(r["id"], r["text"]) for r in logged] == [("1", chat.seqs[1].text)]
+        inp.send_text("/set max_tokens 6\rsecond\r")
+        await wait(lambda: 2 in chat.seqs and chat.seqs[2].state == "done")
+        inp.send_text("/quit\r")
+
+    code, _ = drive(chat, script)
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert code == 0 and [r["id"] for r in recs] == ["1", "2"]
+    assert [r["usage"]["completion_tokens"] for r in recs] == [4, 6]
+    assert recs[1]["messages"] == [{"role": "user", "content": "second"}] and recs[1]["params"]["max_new_tokens"] == 6
+
+
+# ---- piped input (stdin not a terminal) ------------------------------------------------
+def piped(chat: ChatSession, data: bytes) -> tuple[int, str, str]:
+    """PipedChat over ``data`` as stdin; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = PipedChat(chat, stdin=io.BytesIO(data), out=out, err=err, banner=False).run()
+    return code, out.getvalue(), err.getvalue()
+
+
+def heads(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("── #")]
+
+
+def test_piped_answers_print_whole_in_input_order_from_one_batch(chat):
+    code, out, err = piped(chat, b"/set max_tokens 40\nslow one\r\n\n   \n/set max_tokens 3\nquick two\nquick three\n")
+    assert code == 0
+    assert err == "line 1: max_new_tokens=40 for new prompts\nline 5: max_new_tokens=3 for new prompts\n"
+    assert heads(out) == ["── #1 · length · 40 tokens ── slow one", "── #2 · length · 3 tokens ── quick two",
+                          "── #3 · length · 3 tokens ── quick three"]
+    # Each answer whole, right under its own header, then a blank line.
+    blocks = out.split("── #")[1:]
+    for n, block in zip((1, 2, 3), blocks):
+        assert block.split("\n", 1)[1] == (chat.seqs[n].text.rstrip() or "(no text)") + "\n\n"
+    assert [chat.seqs[n].line for n in (1, 2, 3)] == [2, 6, 7]   # blank lines skipped, still counted
+    m = [chat.seqs[n].output.metrics for n in (1, 2, 3)]
+    assert m[1].finished_time < m[0].finished_time              # #2 finished first, printed second
+    assert max(x.first_scheduled_time for x in m) < min(x.finished_time for x in m)   # one batch
+
+
+def test_piped_commands_work_as_typed(chat):
+    chat.defaults = FIXED.replace(max_new_tokens=4)
+    src = (b"/system Be brief.\nfirst\n/thread 1\nsecond\n/thread off\n//slash\n/lsit\n"
+           b"/list\n/quit\nnever read\n")
+    code, out, err = piped(chat, src)
+    assert code == 0 and len(chat.seqs) == 3                       # /quit ended the input
+    assert chat.seqs[2].messages == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "first"},
+        {"role": "assistant", "content": chat.seqs[1].text}, {"role": "user", "content": "second"}]
+    assert chat.seqs[3].prompt == "/slash" and chat.seqs[3].parent is None
+    assert "line 7: unknown command /lsit (did you mean /list?); /help lists them\n" in err
+    # /list waited for the prompts before it: every row is done.
+    rows = err.split("line 8:\n", 1)[1].splitlines()[:3]
+    assert [r[:16] for r in rows] == ["#1   done length", "#2   done length", "#3   done length"]
+    assert [h.split(" ── ")[1] for h in heads(out)] == ["first", "second", "/slash"]
+
+
+def test_piped_bad_lines_are_errors_and_the_rest_is_answered(chat, tmp_path):
+    chat.defaults = FIXED.replace(max_new_tokens=3)
+    path = tmp_path / "log.jsonl"
+    chat.finished.append(JsonLog(str(path), "tiny"))
+    too_long = b"fox " * 3000
+    code, out, err = piped(chat, b"ok one\nbad \xff byte\n" + too_long + b"\nok two\n")
+    assert code == 1
+    lines = err.splitlines()
+    assert lines[0] == "line 2: #2: error: invalid UTF-8 at character 5: expected UTF-8 text"
+    assert lines[1].startswith("line 3: #3: error: ") and "context length" in lines[1]
+    assert [h.split(" ── ")[1] for h in heads(out)] == ["ok one", "ok two"]
+    recs = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+    assert sorted(recs) == ["1", "2", "3", "4"]
+    assert [(recs[i]["line"], recs[i]["finish_reason"]) for i in "1234"] == \
+        [(1, "length"), (2, "error"), (3, "error"), (4, "length")]
+    assert recs["2"]["error"] == "invalid UTF-8 at character 5: expected UTF-8 text"
+    assert recs["4"]["text"] == chat.seqs[4].text and recs["4"]["messages"][-1]["content"] == "ok two"
+
+
+def test_piped_empty_input_exits_0_with_no_output(chat):
+    assert piped(chat, b"") == (0, "", "")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_json_log_write_failure_is_reported_once_and_the_chat_goes_on(chat):
+    notes = []
+    chat.finished.append(JsonLog("/dev/full", "tiny", notify=notes.append))
+    chat.defaults = FIXED.replace(max_new_tokens=2)
+    code, out, _ = piped(chat, b"one\ntwo\n")
+    assert code == 0 and len(heads(out)) == 2
+    assert len(notes) == 1 and notes[0].startswith("--json-log /dev/full: cannot write (")
+
+
+@pytest.mark.e2e
+def test_piped_chat_on_the_embedded_model(embedded_model):
+    """The chat-from-pipe case on the real model, with our own prompts: two lines, two answers."""
+    engine = Engine.from_loaded(embedded_model, EngineConfig(max_num_seqs=4, max_num_batched_tokens=256))
+    with Driver(engine) as driver:
+        s = ChatSession(driver, embedded_model.tokenizer, SamplingParams(max_new_tokens=12),
+                        model_name=embedded_model.name)
+        code, out, err = piped(s, b"What is the capital of France?\nSay goodbye.\n")
+    assert code == 0 and err == ""
+    assert heads(out)[0].endswith(" ── What is the capital of France?") and heads(out)[1].endswith(" ── Say goodbye.")
+    assert "Paris" in s.seqs[1].text and s.seqs[2].text.strip()
