@@ -433,3 +433,24 @@ def test_piped_chat_on_the_embedded_model(embedded_model):
     assert code == 0 and err == ""
     assert heads(out)[0].endswith(" ── What is the capital of France?") and heads(out)[1].endswith(" ── Say goodbye.")
     assert "Paris" in s.seqs[1].text and s.seqs[2].text.strip()
+
+
+# ---- module structure ------------------------------------------------------------------
+CHAT_LAYERS = ["chat_session", "chat_view", "chat_log", "chat_commands", "chat_pipe", "chat"]
+
+
+def test_chat_modules_import_one_way_at_module_level():
+    """Each chat module imports only chat modules before it in CHAT_LAYERS, and only at
+    the top: no import inside a function to dodge a cycle."""
+    import ast
+    from pathlib import Path
+
+    import cbgen.frontends as fe
+    root = Path(fe.__file__).parent
+    for i, name in enumerate(CHAT_LAYERS):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        top = {n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
+        nested = [n.lineno for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and n not in top]
+        assert not nested, f"{name}.py imports inside a function at lines {nested}"
+        used = {n.module for n in top if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module in CHAT_LAYERS}
+        assert used <= set(CHAT_LAYERS[:i]), f"{name}.py imports {sorted(used - set(CHAT_LAYERS[:i]))}"
