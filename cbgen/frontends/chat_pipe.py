@@ -102,11 +102,10 @@ class PipedChat:
 
     def _line(self, ln: Line) -> None:
         s = self.session
-        try:
-            ln.text.encode("utf-8")   # invalid bytes arrive as lone surrogates (surrogateescape)
-        except UnicodeEncodeError as e:
-            shown = ln.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            seq = s.reject(shown, f"invalid UTF-8 at character {e.start + 1}: expected UTF-8 text", line=ln.line_no)
+        error = _not_text(ln.text)
+        if error is not None:   # never generate from mis-decoded bytes
+            shown = ln.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").replace("\0", "")
+            seq = s.reject(shown, error, line=ln.line_no)
             self._status(f"line {ln.line_no}: #{seq.num}: error: {seq.error}")
             return
         reply = handle(s, ln.text, line_no=ln.line_no)
@@ -154,3 +153,17 @@ class PipedChat:
             self._status(f"error: the engine failed: {s.failed!r}")
             return 1
         return 1 if any(q.state == "error" for q in s.seqs.values()) else 0
+
+
+def _not_text(line: str) -> str | None:
+    """Why ``line`` is not UTF-8 text, or None. Invalid bytes arrive as lone
+    surrogates (the reader's surrogateescape); a NUL means binary input or
+    UTF-16 (PowerShell's ``>``), whose every other byte is 0."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"invalid UTF-8 at character {e.start + 1}: expected UTF-8 text"
+    if "\0" in line:
+        return (f"NUL character at character {line.index(chr(0)) + 1}: expected UTF-8 text "
+                "(a UTF-16 file? save it as UTF-8)")
+    return None
