@@ -162,14 +162,22 @@ def chat(
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     max_num_seqs: int = typer.Option(16, "--max-num-seqs"),
+    json_log: Optional[str] = typer.Option(None, "--json-log", help="Append every prompt and answer to FILE "
+                                           "as `cbgen run` JSONL records, each as it finishes."),
 ) -> None:
-    """Interactive REPL: every prompt you submit joins the running batch."""
+    """Interactive REPL: every prompt you submit joins the running batch. With stdin a pipe
+    or a file, each line is a prompt (or a /command); answers go to stdout in input order."""
     from .frontends.chat import run_chat
     defaults = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, None, 1)
     cfg = _engine_config(max_num_seqs, max(256, max_num_seqs), EngineConfig.kv_cache_gb, True)
+    if json_log:
+        try:   # before the model loads: a typo'd directory fails in milliseconds
+            open(json_log, "a", encoding="utf-8").close()
+        except OSError as e:
+            fail(f"--json-log {json_log!r}: cannot open: {e.strerror or e}")
     loaded = _load(model, dtype, threads)
     engine = _engine(loaded, cfg)
-    raise typer.Exit(run_chat(engine, loaded, defaults, system=system))
+    raise typer.Exit(run_chat(engine, loaded, defaults, system=system, json_log=json_log))
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""``cbgen chat``: a prompt-toolkit REPL around ``ChatSession``.
+"""``cbgen chat``: a prompt-toolkit REPL around ``ChatSession`` (stdin a terminal),
+or ``chat_pipe.PipedChat`` when stdin is a pipe or a file.
 
 Screen: the input line (its prompt is the next sequence number, ``#4>``) with
 the live view as its bottom toolbar (a header plus one line per running
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import queue
+import sys
 from typing import Callable
 
 from prompt_toolkit import PromptSession, print_formatted_text
@@ -29,11 +30,13 @@ from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.styles import Style
 
-from ..config import SamplingParams
+from ..config import SamplingParams, cache_root
 from ..engine.engine import Engine
-from .chat_commands import COMMANDS
-from .chat_session import ChatSession
-from .chat_view import Fragments, live_view, wrap
+from .chat_commands import COMMANDS, handle
+from .chat_log import JsonLog
+from .chat_pipe import PipedChat
+from .chat_session import ChatSession, Seq
+from .chat_view import Fragments, live_view, render_answer, wrap
 from .driver import Driver
 
 STYLE = Style.from_dict({
@@ -54,7 +57,7 @@ class _CommandCompleter(Completer):
     def get_completions(self, document, complete_event):
         text = document.text_before_cursor
         if text.startswith("/") and " " not in text:
-            for c in COMMANDS:
+            for c in COMMANDS:   # the registered names, in /help order
                 if c.startswith(text):
                     yield Completion(c, start_position=-len(text))
 
@@ -64,7 +67,8 @@ class ChatApp:
                  printer: Callable[[Fragments], None] | None = None, refresh_interval: float = 0.25) -> None:
         self.session = session
         self.print = printer or self._print_above
-        session.echo = self.print
+        session.finished.append(self._on_finished)
+        session.notify = lambda text: self.print([("class:error", text)])
         self.prompt = PromptSession(
             history=history or InMemoryHistory(), bottom_toolbar=self.toolbar, refresh_interval=refresh_interval,
             key_bindings=self._keys(), style=STYLE, completer=_CommandCompleter(), complete_while_typing=False)
@@ -104,6 +108,11 @@ class ChatApp:
 
         return kb
 
+    def _on_finished(self, seq: Seq) -> None:
+        # Refusals and drops were already answered (the reply to the line, /cancel's reply).
+        if seq.state == "done":
+            self.print(render_answer(seq))
+
     def notice(self, text: str, style: str = "class:notice") -> None:
         if text:
             self.print([(style, text)])
@@ -123,15 +132,7 @@ class ChatApp:
         """Move Driver events into the session; stop the prompt if the engine died."""
         s = self.session
         while True:
-            got = False
-            while True:
-                try:
-                    ev = s.driver.events.get_nowait()
-                except queue.Empty:
-                    break
-                s.on_event(ev)
-                got = True
-            s.tick()
+            got = s.poll()
             if s.failed is not None and self.prompt.app.is_running:
                 self.prompt.app.exit(result="")
             if got:
@@ -162,7 +163,7 @@ class ChatApp:
                         await asyncio.sleep(PUMP_SECONDS)
                     break
                 if s.failed is None and not s.exit_requested:
-                    self.notice(s.handle(line), style="class:body")   # word-wrapped
+                    self.notice(handle(s, line), style="class:body")   # word-wrapped
         finally:
             pump.cancel()
             s.close()
@@ -173,7 +174,6 @@ class ChatApp:
 
 
 def _history() -> History:
-    from ..models import cache_root
     try:
         root = cache_root()
         root.mkdir(parents=True, exist_ok=True)
@@ -182,13 +182,28 @@ def _history() -> History:
         return InMemoryHistory()
 
 
-def run_chat(engine: Engine, loaded, defaults: SamplingParams, *, system: str | None = None) -> int:
-    """Run the REPL on ``engine`` until the user quits; returns the exit code."""
+def run_chat(engine: Engine, loaded, defaults: SamplingParams, *, system: str | None = None,
+             json_log: str | None = None, interactive: bool | None = None) -> int:
+    """Chat on ``engine`` until the user quits or the input ends; returns the exit code.
+
+    ``interactive`` (default: stdin is a terminal) picks the REPL, else every
+    stdin line is read as typed (``PipedChat``). ``json_log``: append each
+    finished prompt's record to that file (raises OSError if it cannot be opened)."""
     async def main() -> int:
         # patch_stdout inside the loop: its proxy prints through the loop that is current.
         with patch_stdout():
             return await ChatApp(session, history=_history()).run()
 
+    if interactive is None:
+        interactive = sys.stdin.isatty()
     with Driver(engine) as driver:
         session = ChatSession(driver, loaded.tokenizer, defaults, system=system, model_name=loaded.name)
-        return asyncio.run(main())
+        # A lambda: the front-end installs its own ``session.notify`` after this.
+        log = JsonLog(json_log, loaded.name, notify=lambda text: session.notify(text)) if json_log else None
+        if log is not None:
+            session.finished.append(log)
+        try:
+            return asyncio.run(main()) if interactive else PipedChat(session).run()
+        finally:
+            if log is not None:
+                log.close()

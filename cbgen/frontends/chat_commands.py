@@ -1,52 +1,97 @@
-"""The /commands of ``cbgen chat``: ``run_command(session, line) -> str`` (the text to show).
+"""The /commands of ``cbgen chat`` and ``handle(session, line)``, which every front-end
+calls for a typed (or piped) line: a /command, or a prompt to submit.
 
 Every command validates its arguments and answers with one clear line when
-they are wrong; none of them raises for user input.
+they are wrong; none of them raises for user input. A command is one function
+registered with ``@command``: the table (``COMMANDS``) drives dispatch, /help,
+Tab completion and the "did you mean" hint, so a new command is one function.
 """
 
 from __future__ import annotations
 
 import difflib
 import shlex
+from dataclasses import dataclass
+from typing import Callable
 
 from ..config import SamplingParams
 from ..io.records import ALIASES
-from ..io.writer import JsonlWriter, error_result, result_from_outputs
+from ..io.writer import JsonlWriter
+from .chat_log import LOGGED_STATES, seq_record
 from .chat_session import ChatSession, Seq
 from .chat_view import describe, one_line
 
-HELP = """\
+HELP_HEAD = """\
 Type a prompt and press Enter: it joins the running batch at once; keep typing.
 Esc+Enter (or Alt+Enter) inserts a newline; pasted text keeps its newlines.
-Up/Down and Ctrl-R search the history (kept in the cbgen cache dir); Tab completes commands.
-  /list                 every sequence: number, state, tokens, prompt, answer so far
-  /show N               the full prompt and answer of #N, so far
-  /cancel N... | all    stop #N (its answer so far is kept) or every running sequence
-  /set [KEY [VALUE]]    show or change a sampling default for new prompts (e.g. /set temperature 0.2)
-  /system [TEXT | off]  show or set the system message of new conversations
-  /thread N | off       next prompts continue #N's conversation (multi-turn); off ends it
-  /save FILE            write every finished prompt's record as JSONL (the `cbgen run` format)
-  /stats                throughput, KV cache use, prefix-cache hit rate
-  /quit                 exit (asks first while sequences run); also Ctrl-D on an empty line
+Up/Down and Ctrl-R search the history (kept in the cbgen cache dir); Tab completes commands."""
+HELP_TAIL = """\
 Ctrl-C clears the line, or on an empty line cancels the focus: the current thread's
 running sequences, else the most recent running one. Start a prompt with // to send a leading /."""
 
-COMMANDS = ("/help", "/list", "/show", "/cancel", "/set", "/system", "/thread", "/save", "/stats", "/quit")
 _NOT_SETTABLE = {"n": "chat runs one sample per prompt"}
 _NONE_WORDS = ("none", "null", "off", "-")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One /command. ``run(session, argument) -> reply``. ``reads_results``: it
+    shows or saves answers, so piped input runs it only once every earlier
+    prompt has finished (typed, it runs at once and shows what is there)."""
+
+    name: str
+    usage: str
+    summary: str
+    run: Callable[[ChatSession, str], str]
+    reads_results: bool = False
+
+
+COMMANDS: dict[str, Command] = {}           # in /help order
+COMMAND_ALIASES = {"/exit": "/quit", "/?": "/help"}
+
+
+def command(name: str, usage: str, summary: str, *, reads_results: bool = False):
+    """Register the decorated ``fn(session, arg) -> str`` as ``name``."""
+    def register(fn: Callable[[ChatSession, str], str]) -> Callable[[ChatSession, str], str]:
+        COMMANDS[name] = Command(name, usage, summary, fn, reads_results)
+        return fn
+    return register
+
+
+def help_text() -> str:
+    rows = [f"  {f'{c.name} {c.usage}'.rstrip():<21} {c.summary}" for c in COMMANDS.values()]
+    return "\n".join([HELP_HEAD, *rows, HELP_TAIL])
+
+
+def command_of(line: str) -> Command | None:
+    """The registered command a line invokes; None for a prompt or an unknown /name."""
+    if not line.startswith("/") or line.startswith("//"):
+        return None
+    name = line.strip().partition(" ")[0]
+    return COMMANDS.get(COMMAND_ALIASES.get(name, name))
+
+
+def handle(s: ChatSession, line: str, line_no: int | None = None) -> str:
+    """One submitted line: a /command, or a prompt (``//x`` sends ``/x``) from
+    input line ``line_no``. Returns what to show ("" for nothing)."""
+    if not line.strip():
+        return ""
+    if line.startswith("/") and not line.startswith("//"):
+        return run_command(s, line)
+    return s.submit(line[1:] if line.startswith("//") else line, line=line_no)
 
 
 def run_command(s: ChatSession, line: str) -> str:
     name, _, arg = line.strip().partition(" ")
     arg = arg.strip()
-    name = {"/exit": "/quit", "/?": "/help"}.get(name, name)
+    name = COMMAND_ALIASES.get(name, name)
     if name != "/quit":
         s.quit_armed = False   # confirmation only counts when nothing happened in between
-    handler = _HANDLERS.get(name)
-    if handler is None:
-        close = difflib.get_close_matches(name, COMMANDS, n=1)
+    cmd = COMMANDS.get(name)
+    if cmd is None:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
         return f"unknown command {name}" + (f" (did you mean {close[0]}?)" if close else "") + "; /help lists them"
-    return handler(s, arg)
+    return cmd.run(s, arg)
 
 
 # ---- sequences ---------------------------------------------------------------------
@@ -59,6 +104,7 @@ def _seq(s: ChatSession, arg: str) -> Seq | str:
     return s.seqs[int(a)]
 
 
+@command("/list", "", "every sequence: number, state, tokens, prompt, answer so far", reads_results=True)
 def _list(s: ChatSession, arg: str) -> str:
     if not s.seqs:
         return "no sequences yet"
@@ -72,6 +118,7 @@ def _list(s: ChatSession, arg: str) -> str:
     return "\n".join(rows)
 
 
+@command("/show", "N", "the full prompt and answer of #N, so far", reads_results=True)
 def _show(s: ChatSession, arg: str) -> str:
     seq = _seq(s, arg)
     if isinstance(seq, str):
@@ -84,6 +131,7 @@ def _show(s: ChatSession, arg: str) -> str:
     return f"{head}\n> {seq.prompt}\n{body}"
 
 
+@command("/cancel", "N... | all", "stop #N (its answer so far is kept) or every running sequence")
 def _cancel(s: ChatSession, arg: str) -> str:
     if arg == "all":
         nums = s.cancel([q for q in s.running() if q.active])
@@ -127,6 +175,8 @@ def _number(key: str, raw: str, kind: type):
         raise ValueError(f"{key}: {raw!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
+@command("/set", "[KEY [VALUE]]", "show or change a sampling default for new prompts "
+         "(e.g. /set temperature 0.2)")
 def _set(s: ChatSession, arg: str) -> str:
     current = s.defaults.to_dict()
     if not arg:
@@ -148,6 +198,7 @@ def _set(s: ChatSession, arg: str) -> str:
     return f"{key}={s.defaults.to_dict()[key]!r} for new prompts"
 
 
+@command("/system", "[TEXT | off]", "show or set the system message of new conversations")
 def _system(s: ChatSession, arg: str) -> str:
     if not arg:
         return f"system: {s.system!r}" if s.system else "no system message (the model's template default applies)"
@@ -156,6 +207,7 @@ def _system(s: ChatSession, arg: str) -> str:
         " for new conversations (threads keep theirs)"
 
 
+@command("/thread", "N | off", "next prompts continue #N's conversation (multi-turn); off ends it")
 def _thread(s: ChatSession, arg: str) -> str:
     if not arg:
         return f"in thread #{s.thread} (/thread off ends it)" if s.thread else "not in a thread (/thread N starts one)"
@@ -175,19 +227,18 @@ def _thread(s: ChatSession, arg: str) -> str:
 
 
 # ---- output ------------------------------------------------------------------------
+@command("/save", "FILE", "write every finished prompt's record as JSONL (the `cbgen run` format)",
+         reads_results=True)
 def _save(s: ChatSession, arg: str) -> str:
     if not arg:
         return "usage: /save FILE"
     path = shlex.split(arg)[0] if arg[0] in "'\"" else arg
-    done = [q for q in s.seqs.values() if q.record is not None and q.state in ("done", "error")]
+    done = [q for q in s.seqs.values() if q.state in LOGGED_STATES]
     try:
         with open(path, "w", encoding="utf-8") as f:
             w = JsonlWriter(f)
             for q in done:
-                rec = (result_from_outputs(q.record, [q.output], s.model_name) if q.state == "done"
-                       else error_result(q.record, q.error, s.model_name))
-                rec.messages = q.record.messages   # the session's prompts travel with their answers
-                w.write(rec)
+                w.write(seq_record(q, s.model_name))
     except OSError as e:
         return f"cannot save to {path}: {e.strerror or e}"
     left = len(s.running())
@@ -195,6 +246,7 @@ def _save(s: ChatSession, arg: str) -> str:
         (f" ({left} still running, not saved)" if left else "")
 
 
+@command("/stats", "", "throughput, KV cache use, prefix-cache hit rate", reads_results=True)
 def _stats(s: ChatSession, arg: str) -> str:
     st = s.driver.engine.stats()
     done = [q.output.metrics.tokens_per_s for q in s.seqs.values() if q.state == "done" and q.output]
@@ -210,13 +262,12 @@ def _stats(s: ChatSession, arg: str) -> str:
     ])
 
 
+@command("/help", "", "this list")
 def _help(s: ChatSession, arg: str) -> str:
-    return HELP
+    return help_text()
 
 
+@command("/quit", "", "exit (asks first while sequences run); also Ctrl-D on an empty line")
 def _quit(s: ChatSession, arg: str) -> str:
     return s.request_quit()
 
-
-_HANDLERS = {"/help": _help, "/list": _list, "/show": _show, "/cancel": _cancel, "/set": _set,
-             "/system": _system, "/thread": _thread, "/save": _save, "/stats": _stats, "/quit": _quit}

@@ -2,16 +2,22 @@
 
 The session owns the numbered sequences (#1, #2, ... in submission order), the
 sampling defaults, the system message and the current thread. The app around
-it calls ``handle(line)`` for every submitted line, ``on_event`` for every
-Driver event and ``tick()`` periodically, all from ONE thread (the app's event
-loop), so the session needs no locks; it reads the engine only through the
-thread-safe ``progress()`` / ``stats()``. Anything to show above the prompt
-goes through ``echo(fragments)`` as prompt-toolkit style ``(style, text)``
-pairs, which tests can collect as plain data.
+it submits prompts (``submit``; ``chat_commands.handle`` parses a typed line),
+calls ``on_event`` for every Driver event and ``tick()`` periodically, all from
+ONE thread (the front-end's loop), so the session needs no locks; it reads the
+engine only through the thread-safe ``progress()`` / ``stats()``.
+
+The session renders nothing: a sequence reaching its final state (done, error,
+dropped) is announced to every callable in ``finished``, and a message that
+answers no typed line (a held turn refused when released) goes to ``notify``.
+
+Dependencies go one way: chat_session <- chat_view <- chat_commands <- chat
+(the prompt-toolkit app) and chat_pipe (stdin not a terminal).
 """
 
 from __future__ import annotations
 
+import queue
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -21,7 +27,6 @@ from ..config import SamplingParams
 from ..engine.engine import SequenceProgress
 from ..engine.outputs import RequestOutput
 from ..io.records import InputRecord
-from .chat_view import Fragments, render_answer
 from .driver import Driver, EngineFailed
 from .prompting import PromptError, encode
 
@@ -36,6 +41,7 @@ class Seq:
     prompt: str
     params: SamplingParams
     parent: int | None                       # the sequence this one continues (/thread)
+    line: int = 0                            # the input line it came from (piped), else ``num``
     messages: list[dict] | None = None       # what was sent; None while held or for raw prompts
     record: InputRecord | None = None        # set once encoded; /save builds its record from it
     state: str = "held"
@@ -72,12 +78,13 @@ class Seq:
 
 class ChatSession:
     def __init__(self, driver: Driver, tokenizer, defaults: SamplingParams, *, system: str | None = None,
-                 model_name: str | None = None, echo: Callable[[Fragments], None] | None = None) -> None:
+                 model_name: str | None = None) -> None:
         self.driver, self.tokenizer = driver, tokenizer
         self.defaults = defaults
         self.system = system
         self.model_name = model_name
-        self.echo = echo or (lambda fragments: None)
+        self.finished: list[Callable[[Seq], None]] = []   # called once per sequence, in finishing order
+        self.notify: Callable[[str], None] = lambda text: None
         self.seqs: dict[int, Seq] = {}
         self.thread: int | None = None           # tip of the current conversation, or None
         self.failed: BaseException | None = None  # the engine died; the app exits
@@ -93,25 +100,15 @@ class ChatSession:
     def next_num(self) -> int:
         return len(self.seqs) + 1
 
-    def handle(self, line: str) -> str:
-        """One submitted line: a /command, or a prompt (``//x`` sends ``/x``). Returns what to show."""
-        if not line.strip():
-            return ""
-        if line.startswith("/") and not line.startswith("//"):
-            from .chat_commands import run_command   # here: chat_commands imports this module
-            reply = run_command(self, line)
-        else:
-            self.quit_armed = False
-            reply = self.submit(line[1:] if line.startswith("//") else line)
-        return reply
-
-    def submit(self, text: str) -> str:
+    def submit(self, text: str, line: int | None = None) -> str:
         """Number ``text`` and send it to the engine (it joins the batch at the next step).
 
         In a thread the new sequence continues the tip's conversation and
         becomes the new tip; while the tip is still answering it is held and
-        sent when the tip finishes. Returns a message to show ("" if none)."""
-        seq = Seq(self.next_num, text, self.defaults, parent=self.thread)
+        sent when the tip finishes. ``line`` is the input line (default: the
+        sequence number). Returns a message to show ("" if none)."""
+        self.quit_armed = False
+        seq = Seq(self.next_num, text, self.defaults, parent=self.thread, line=line or self.next_num)
         self.seqs[seq.num] = seq
         if self.thread is not None:
             self.thread = seq.num
@@ -129,19 +126,48 @@ class ChatSession:
         """Encode and submit ``seq``; a refusal (too long, no template) marks it ``error``."""
         if self.chat:
             seq.messages = [*self._history(seq), {"role": "user", "content": seq.prompt}]
-        seq.record = InputRecord(seq.request_id, seq.num, "messages" if self.chat else "prompt",
+        seq.record = InputRecord(seq.request_id, seq.line, "messages" if self.chat else "prompt",
                                  None if self.chat else seq.prompt, seq.messages, seq.params, "cbgen")
         try:
             ids = encode(self.tokenizer, prompt=seq.record.prompt, messages=seq.messages)
             self.driver.submit(seq.request_id, ids, seq.params)
         except (PromptError, ValueError) as e:
             seq.state, seq.error = "error", str(e)
+            self._finish(seq)
             self._drop_children(seq)
             return f"#{seq.num}: error: {e}"
         seq.state = "live"
         return ""
 
+    def reject(self, text: str, error: str, line: int | None = None) -> Seq:
+        """Number an input that cannot be a prompt (e.g. invalid UTF-8): an
+        ``error`` sequence, never sent, so numbering and logs keep every input."""
+        seq = Seq(self.next_num, text, self.defaults, parent=None, line=line or self.next_num,
+                  state="error", error=error)
+        self.seqs[seq.num] = seq
+        self._finish(seq)
+        return seq
+
+    def _finish(self, seq: Seq) -> None:
+        for listener in self.finished:
+            listener(seq)
+
     # ---- engine events ------------------------------------------------------
+    def poll(self, timeout: float = 0.0) -> bool:
+        """Apply every Driver event waiting (waiting up to ``timeout`` s for the
+        first one), then ``tick()``. Returns whether there was any."""
+        got = False
+        while True:
+            try:
+                ev = self.driver.events.get(timeout=timeout) if timeout > 0 and not got \
+                    else self.driver.events.get_nowait()
+            except queue.Empty:
+                break
+            self.on_event(ev)
+            got = True
+        self.tick()
+        return got
+
     def on_event(self, ev: RequestOutput | EngineFailed) -> None:
         if isinstance(ev, EngineFailed):
             self.failed = ev.error
@@ -154,7 +180,7 @@ class ChatSession:
             seq.first_token_at = time.monotonic()
         if ev.finished:
             seq.state = "done"
-            self.echo(render_answer(seq))
+            self._finish(seq)
             self._release_children(seq)
 
     def _release_children(self, parent: Seq) -> None:
@@ -162,13 +188,14 @@ class ChatSession:
             if child.parent == parent.num and child.state == "held":
                 msg = self._send(child)
                 if msg:
-                    self.echo([("class:error", msg)])
+                    self.notify(msg)
 
     def _drop_children(self, parent: Seq) -> None:
         """A turn with no answer to continue from drops the held turns after it."""
         for child in self.seqs.values():
             if child.parent == parent.num and child.state == "held":
                 child.state, child.error = "dropped", f"#{parent.num} has no answer to continue"
+                self._finish(child)
                 self._drop_children(child)
 
     def tick(self, now: float | None = None) -> None:
@@ -209,6 +236,7 @@ class ChatSession:
                 self.driver.abort(s.request_id)   # its final output (abort) arrives as an event
             elif s.state == "held":
                 s.state, s.error = "dropped", "cancelled before it started"
+                self._finish(s)
                 self._drop_children(s)
             else:
                 continue

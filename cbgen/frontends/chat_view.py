@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import textwrap
 import time
-from typing import TYPE_CHECKING
 
 from ..engine.engine import SequenceProgress
-
-if TYPE_CHECKING:
-    from .chat_session import ChatSession, Seq
+from .chat_session import ChatSession, Seq
 
 Fragments = list[tuple[str, str]]
 IDLE_HINT = "idle · Enter sends · Esc+Enter newline · /help · Ctrl-C cancels · Ctrl-D quits"
 
 
-def describe(seq: "Seq", live: dict[str, SequenceProgress]) -> tuple[str, str]:
+def describe(seq: Seq, live: dict[str, SequenceProgress]) -> tuple[str, str]:
     """(state, tokens) of ``seq`` as /list and the live view show them."""
     if seq.state == "live":
         p = live.get(seq.request_id)
@@ -39,7 +36,7 @@ def describe(seq: "Seq", live: dict[str, SequenceProgress]) -> tuple[str, str]:
     return seq.state, ""
 
 
-def live_view(s: "ChatSession", columns: int, rows: int) -> Fragments:
+def live_view(s: ChatSession, columns: int, rows: int) -> Fragments:
     """The bottom toolbar: a header, then one line per running sequence
     (number, state, tokens/max, tok/s, latest words), using at most half the rows."""
     width = max(columns - 1, 20)
@@ -64,11 +61,12 @@ def live_view(s: "ChatSession", columns: int, rows: int) -> Fragments:
     return out
 
 
-def render_answer(seq: "Seq") -> Fragments:
-    """A finished sequence, printed once above the prompt: a header line, then its full text."""
+def render_answer(seq: Seq, timing: bool = True) -> Fragments:
+    """A finished sequence, printed once: a header line (number, finish reason,
+    tokens, tok/s unless not ``timing``, the prompt cut to one line), then its full text."""
     o = seq.output
     assert o is not None and o.finished
-    tps = o.metrics.tokens_per_s
+    tps = o.metrics.tokens_per_s if timing else None
     head = (f"── #{seq.num} · {seq.finish_reason} · {o.metrics.num_generated_tokens} tokens"
             + (f" · {tps:.1f} tok/s" if tps else "") + " ── ")
     style = "class:answer.abort" if seq.finish_reason == "abort" else "class:answer.head"

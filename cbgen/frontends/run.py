@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import queue
-import signal
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from ..io.records import InputError, InputRecord, LineParser
 from ..io.resume import load_done_ids
 from ..io.writer import OutputClosed, ReorderBuffer, Writer, error_result, make_writer, result_from_outputs
 from .driver import Driver, EngineFailed
+from .interrupts import StopSignals
 from .progress import ProgressView
 from .prompting import PromptError, encode
 
@@ -53,30 +53,6 @@ class _Pending:
     record: InputRecord
     ticket: int | None
     outputs: list[RequestOutput] = field(default_factory=list)
-
-
-class _Signals:
-    """First Ctrl-C: stop admitting. Second Ctrl-C or SIGTERM: abort running."""
-
-    def __init__(self) -> None:
-        self.stop_admitting = False
-        self.abort = False
-        self.announced = 0
-        self._old: dict[int, object] = {}
-
-    def _handler(self, signum, frame) -> None:
-        if signum == signal.SIGTERM or self.stop_admitting:
-            self.abort = True
-        self.stop_admitting = True
-
-    def __enter__(self) -> "_Signals":
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self._old[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 class BatchRun:
@@ -143,7 +119,7 @@ class BatchRun:
         view = ProgressView(self.engine)
         driver = Driver(self.engine)
         input_done = False
-        with out_cm as stream, _Signals() as sig, driver:
+        with out_cm as stream, StopSignals() as sig, driver:
             writer = make_writer(opts.fmt, stream)
             live = Live(view.render(), console=self.err, refresh_per_second=8, transient=True) if show else nullcontext()
             try:
