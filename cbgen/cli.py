@@ -94,6 +94,8 @@ def run(
     prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Table inputs: a raw prompt column."),
     messages_column: Optional[str] = typer.Option(None, "--messages-column", help="Table inputs: a chat column."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Table inputs: the id column (default: row number)."),
+    row_group_size: int = typer.Option(1000, "--row-group-size", help="Table outputs: rows per row group, and "
+                                       "per crash-safe part (a part is also written every 30 s)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -139,7 +141,7 @@ def run(
     try:
         tables = plan_tables(inputs, fmt=fmt, template=template, template_format=template_format,
                              prompt_column=prompt_column, messages_column=messages_column, id_column=id_column,
-                             samples=samples)
+                             samples=samples, part_rows=row_group_size)
     except (ValueError, OSError) as e:
         fail(str(e))
     defaults = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, samples)

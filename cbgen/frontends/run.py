@@ -144,7 +144,8 @@ class BatchRun:
         parser = LineParser(opts.defaults, system=opts.system, skip_ids=done.done_ids if done else ())
         prefetch = Prefetcher(read_inputs(opts.inputs, parser, opts.tables and opts.tables.spec),
                               maxsize=opts.read_ahead)
-        out_cm = (TableOutput(opts.output, opts.fmt, table_out, opts.inputs, resume=opts.resume) if table_out else
+        out_cm = (TableOutput(opts.output, opts.fmt, table_out, opts.inputs, resume=opts.resume,
+                              part_rows=opts.tables.part_rows) if table_out else
                   open(opts.output, "a" if opts.resume else "w", encoding="utf-8")
                   if opts.output else nullcontext(sys.stdout))
         show = opts.progress if opts.progress is not None else (self.err.is_terminal and not opts.quiet)

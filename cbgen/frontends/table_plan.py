@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..io.table_output import TABLE_FORMATS, OutputLayout, output_layout
+from ..io.table_output import PART_ROWS, TABLE_FORMATS, OutputLayout, output_layout
 from ..io.table_rows import TableSpec
 from ..io.tables import read_schema, table_kind
 from ..io.templates import PromptTemplate
@@ -18,6 +18,7 @@ TABLE_FMTS = set(TABLE_FORMATS.values())
 class TablePlan:
     spec: TableSpec                    # how rows become prompts
     layout: OutputLayout | None        # the output columns, for a table output
+    part_rows: int = PART_ROWS         # rows per row group / crash-safe part of a table output
 
 
 def output_format(output: str | None, fmt: str) -> str:
@@ -36,11 +37,13 @@ def output_format(output: str | None, fmt: str) -> str:
 
 def plan_tables(inputs: list[str], *, fmt: str, template: str | None = None, template_format: str = "auto",
                 prompt_column: str | None = None, messages_column: str | None = None,
-                id_column: str | None = None, samples: int = 1) -> TablePlan:
+                id_column: str | None = None, samples: int = 1, part_rows: int = PART_ROWS) -> TablePlan:
     """Check the table options against each table input's columns (schemas only; no rows read).
 
     Raises ``ValueError`` (templates, options) or ``OSError`` (unreadable table), one line each.
     """
+    if part_rows < 1:
+        raise ValueError(f"--row-group-size {part_rows}: expected a positive number of rows")
     spec = TableSpec(PromptTemplate(template, template_format) if template is not None else None,
                      prompt_column, messages_column, id_column)
     for path in inputs:
@@ -64,4 +67,4 @@ def plan_tables(inputs: list[str], *, fmt: str, template: str | None = None, tem
                 raise ValueError(f"{path}: its columns differ from {first[0]}'s; a table output needs "
                                  "the same columns (names and types) in every table input")
         layout = output_layout(first[1] if first else None, multi=len(inputs) > 1, samples=samples)
-    return TablePlan(spec, layout)
+    return TablePlan(spec, layout, part_rows)

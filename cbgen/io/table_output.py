@@ -47,14 +47,17 @@ def output_layout(input_schema: pa.Schema | None, multi: bool = False, samples: 
     result = ([("source", pa.string())] if multi else []) + RESULT_FIELDS
     if samples > 1:
         result.append(("choices", pa.list_(_CHOICE)))
-    taken = {name for name, _ in result}
+    reserved = {name for name, _ in result}
+    taken = reserved | set(input_schema.names if input_schema is not None else ())
     renames: dict[str, str] = {}
     fields = []
     for f in input_schema or []:
         name = f.name
-        while name in taken:
+        if name in reserved:
             name = f"input_{name}"
-        taken.add(name)
+            while name in taken:
+                name = f"input_{name}"
+            taken.add(name)
         renames[f.name] = name
         fields.append(f.with_name(name))
     return OutputLayout(pa.schema(fields + [pa.field(n, t) for n, t in result]), renames)
