@@ -121,3 +121,22 @@ def test_resume_after_sigkill_completes_with_no_duplicates(tmp_path, base_args):
     assert t.column("id").to_pylist() == pq.read_table(src).column("id").to_pylist()  # once each, in order
     assert t.column("line").to_pylist() == list(range(1, n + 1))
     assert not parts.exists()
+
+
+def test_two_shards_into_one_output_keep_source_and_order(tmp_path, base_args):
+    a, b, out = str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet"), str(tmp_path / "out.parquet")
+    build(3, a)
+    build(4, b)
+    r = _run([a, b, "--template", "{question}", "-o", out, *base_args])
+    assert r.exit_code == 0, r.stderr
+    t = pq.read_table(out)
+    assert t.column("source").to_pylist() == [a] * 3 + [b] * 4
+    assert t.column("id").to_pylist() == [f"{a}:{i}" for i in (1, 2, 3)] + [f"{b}:{i}" for i in (1, 2, 3, 4)]
+
+
+def test_validate_checks_table_rows_without_generating(tmp_path, base_args):
+    src = tmp_path / "in.csv"
+    src.write_text('id,text\n1,fine\n2,""\n3,\n', encoding="utf-8")  # row 2: an empty string; row 3: a null cell
+    r = _run([str(src), "--template", "Say {text}", "--validate", *base_args])
+    assert r.exit_code == 1
+    assert "invalid: row 3: column 'text' is null" in r.stderr and "validate: 2 valid, 1 invalid" in r.stderr

@@ -68,11 +68,12 @@ def test_crash_keeps_whole_parts_and_resume_merges_in_input_order(tmp_path):
             for i in (1, 2, 3, 4, 6, 7, 8, 9, 10, 11):
                 out.add(_rec(i, "abort" if i == 7 else "stop"))
             out._buf.clear()  # rows 10-11 were still in memory when the process died
-            with open(os.path.join(PartsDir(out.path).path, "run-0001-part-000002.parquet.tmp"), "wb") as f:
+            with open(os.path.join(PartsDir(out.path).path, ".run-0001-part-000002.parquet.tmp"), "wb") as f:
                 f.write(b"PAR1 half a part")  # a write cut by the kill
             raise KeyboardInterrupt
     state = load_table_done_ids(out.path)
     assert state.done_ids == {"r1", "r2", "r3", "r4", "r6", "r8", "r9"} and state.num_aborted == 1
+    assert pq.read_table(PartsDir(out.path).path).num_rows == 8  # the directory reads as a dataset, .tmp skipped
     # Run 2 (--resume) does what is not done: 5, 7 (aborted), 10 and later.
     with _out(tmp_path, resume=True) as out2:
         for i in (5, 7, 10, 11, 12):

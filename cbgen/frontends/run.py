@@ -27,7 +27,6 @@ from ..engine.outputs import FinishReason, RequestOutput
 from ..io.reader import Prefetcher
 from ..io.records import InputError, InputRecord, LineParser
 from ..io.resume import load_done_ids
-from ..io.table_output import TableOutput, load_table_done_ids
 from ..io.table_rows import read_inputs
 from ..io.writer import OutputClosed, ReorderBuffer, Writer, error_result, make_writer, result_from_outputs
 from .driver import Driver, EngineFailed
@@ -136,6 +135,8 @@ class BatchRun:
     def run(self) -> int:
         opts = self.opts
         table_out = opts.tables.layout if opts.tables is not None else None
+        if table_out is not None:  # pyarrow only for table outputs (start-up time)
+            from ..io.table_output import TableOutput, load_table_done_ids
         done = (load_table_done_ids(opts.output) if table_out and opts.resume else
                 load_done_ids(opts.output) if opts.resume and opts.output and os.path.exists(opts.output) else None)
         if done is not None and done.done_ids:

@@ -6,25 +6,29 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..io.table_output import PART_ROWS, TABLE_FORMATS, OutputLayout, output_layout
+from typing import TYPE_CHECKING
+
 from ..io.table_rows import TableSpec
-from ..io.tables import read_schema, table_kind
+from ..io.tables import TABLE_EXTS, read_schema, table_kind
 from ..io.templates import PromptTemplate
 
-TABLE_FMTS = set(TABLE_FORMATS.values())
+if TYPE_CHECKING:  # pyarrow is imported only when a table is read or written (start-up time)
+    from ..io.table_output import OutputLayout
+
+TABLE_FMTS = set(TABLE_EXTS.values())  # an output is written in the format its extension reads as
 
 
 @dataclass(frozen=True)
 class TablePlan:
     spec: TableSpec                    # how rows become prompts
-    layout: OutputLayout | None        # the output columns, for a table output
-    part_rows: int = PART_ROWS         # rows per row group / crash-safe part of a table output
+    layout: "OutputLayout | None"      # the output columns, for a table output
+    part_rows: int                     # rows per row group / crash-safe part of a table output
 
 
 def output_format(output: str | None, fmt: str) -> str:
     """``fmt``, or the table format ``-o`` names by its extension when ``fmt`` is the default
     (jsonl). Raises ``ValueError`` for a combination that cannot work."""
-    ext_fmt = TABLE_FORMATS.get(os.path.splitext(output or "")[1].lower())
+    ext_fmt = TABLE_EXTS.get(os.path.splitext(output or "")[1].lower())
     if ext_fmt is not None and fmt in ("jsonl", ext_fmt):
         return ext_fmt
     if ext_fmt is not None:
@@ -37,7 +41,7 @@ def output_format(output: str | None, fmt: str) -> str:
 
 def plan_tables(inputs: list[str], *, fmt: str, template: str | None = None, template_format: str = "auto",
                 prompt_column: str | None = None, messages_column: str | None = None,
-                id_column: str | None = None, samples: int = 1, part_rows: int = PART_ROWS) -> TablePlan:
+                id_column: str | None = None, samples: int = 1, part_rows: int = 1000) -> TablePlan:
     """Check the table options against each table input's columns (schemas only; no rows read).
 
     Raises ``ValueError`` (templates, options) or ``OSError`` (unreadable table), one line each.
@@ -61,6 +65,7 @@ def plan_tables(inputs: list[str], *, fmt: str, template: str | None = None, tem
         schemas.append((path, schema))
     layout = None
     if fmt in TABLE_FMTS:
+        from ..io.table_output import output_layout
         first = schemas[0] if schemas else None
         for path, schema in schemas[1:]:
             if not schema.equals(first[1]):

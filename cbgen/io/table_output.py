@@ -28,7 +28,6 @@ from cbgen.io.resume import ResumeError
 from cbgen.io.table_parts import PartsDir, merged_batches, rechunk, replace_durably
 from cbgen.io.writer import ResultRecord, Writer
 
-TABLE_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv"}
 PART_ROWS = 1000       # a part (and a final row group) every this many results ...
 PART_SECONDS = 30.0    # ... or this often, so a crash loses at most this much work
 _CHOICE = pa.struct([("index", pa.int64()), ("text", pa.string()), ("finish_reason", pa.string())])

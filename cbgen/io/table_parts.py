@@ -3,7 +3,7 @@
 A Parquet file is readable only once its footer is written, so a run killed
 midway (``kill -9``) would lose a single streamed file. Instead, results go to
 ``OUT.parts/`` as parts, each one a complete Parquet file of up to a few
-thousand rows, written as ``*.tmp``, fsynced and renamed: a part either
+thousand rows, written as ``.*.tmp``, fsynced and renamed: a part either
 exists whole or not at all. The final ``OUT`` (Parquet, CSV or TSV) is
 assembled from the parts at the end of the run, into ``OUT.tmp`` and renamed.
 
@@ -89,10 +89,12 @@ class PartsDir:
         return os.path.join(self.path, f"run-{run:04d}-part-{part:06d}.parquet")
 
     def write(self, table: pa.Table, run: int, part: int) -> None:
-        """One part, atomically (see the module docstring)."""
+        """One part, atomically (see the module docstring). The temporary name starts
+        with "." so readers of the directory (``pyarrow.dataset``) skip it."""
         path = self.part_path(run, part)
-        pq.write_table(table, path + ".tmp")
-        replace_durably(path + ".tmp", path)
+        tmp = os.path.join(self.path, "." + os.path.basename(path) + ".tmp")
+        pq.write_table(table, tmp)
+        replace_durably(tmp, path)
 
     def adopt(self, parquet_output: str) -> None:
         """Move a finished Parquet output in as run 0 (its rows are in input order)."""
