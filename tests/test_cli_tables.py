@@ -140,3 +140,15 @@ def test_validate_checks_table_rows_without_generating(tmp_path, base_args):
     r = _run([str(src), "--template", "Say {text}", "--validate", *base_args])
     assert r.exit_code == 1
     assert "invalid: row 3: column 'text' is null" in r.stderr and "validate: 2 valid, 1 invalid" in r.stderr
+
+
+@pytest.mark.e2e
+def test_embedded_model_answers_from_a_csv_template(tmp_path, embedded_model):
+    src, out = tmp_path / "c.csv", str(tmp_path / "out.parquet")
+    src.write_text("country,lang\nFrance,French\nJapan,Japanese\n", encoding="utf-8")
+    r = _run([str(src), "--template", "What is the capital of {country}? Answer in one sentence.", "-o", out,
+              "-n", "24", "--dtype", "float32", "-q"])
+    assert r.exit_code == 0, r.stderr
+    t = pq.read_table(out).to_pylist()
+    assert [row["country"] for row in t] == ["France", "Japan"]
+    assert "Paris" in t[0]["text"] and "Tokyo" in t[1]["text"]

@@ -121,14 +121,14 @@ class TableOutput:
 
     def __init__(self, path: str, fmt: str, layout: OutputLayout, sources: list[str], *, resume: bool = False,
                  part_rows: int = PART_ROWS, part_seconds: float = PART_SECONDS) -> None:
-        self.path, self.fmt, self.layout, self.sources, self.resume = path, fmt, layout, sources, resume
+        self.path, self.fmt, self.layout, self.resume = path, fmt, layout, resume
+        self.sources = ["stdin" if s == "-" else s for s in sources]  # as TableRow.source names them
         self.part_rows, self.part_seconds = part_rows, part_seconds
         self.parts = PartsDir(path)
         self.multi = "source" in layout.schema.names
         self._buf: list[dict[str, Any]] = []
         self._last = time.monotonic()
         self._run = self._part = 0
-        self.written = 0
         self.finished = False
 
     def __enter__(self) -> "TableOutput":
@@ -195,7 +195,6 @@ class TableOutput:
             return
         self.parts.write(pa.Table.from_pylist(self._buf, schema=self.layout.schema), self._run, self._part)
         self._part += 1
-        self.written += len(self._buf)
         self._buf.clear()
 
     def finish(self, complete: bool) -> None:
