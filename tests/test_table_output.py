@@ -150,3 +150,14 @@ def test_tsv_output_round_trips_flat_columns(tmp_path):
         again.finish(complete=True)
     t = csv.read_csv(path, parse_options=csv.ParseOptions(delimiter="\t"))
     assert t.column("id").to_pylist() == ["a", "b"] and t.column("line").to_pylist() == [1, 2]
+
+
+def test_samples_go_to_a_choices_column(tmp_path):
+    lay = output_layout(None, samples=2)
+    choices = [{"index": 0, "text": "a", "finish_reason": "stop"}, {"index": 1, "text": "b", "finish_reason": "length"}]
+    path = str(tmp_path / "o.parquet")
+    with TableOutput(path, "parquet", lay, ["in.jsonl"]) as out:
+        out.add(ResultRecord("1", 1, "a", "stop", choices=choices, row=TableRow(None, {})))
+        out.finish(complete=True)
+    t = pq.read_table(path)
+    assert t.schema.names[0] == "id" and t.column("choices").to_pylist() == [choices]

@@ -100,9 +100,8 @@ class PromptTemplate:
             import jinja2
             try:
                 return self._jinja.render(**row)
-            except jinja2.UndefinedError as e:
-                raise TemplateRowError(self.columns[0] if self.columns else "template",
-                                       f"template: {e.message}") from None
+            except jinja2.UndefinedError as e:  # e.g. {{ meta.key }} on a row whose meta lacks key
+                raise TemplateRowError("template", f"template: {e.message}") from None
             except Exception as e:  # noqa: BLE001 - any runtime error of the user's template
                 raise TemplateRowError("template", f"template: {type(e).__name__}: {e}") from None
         fmt = string.Formatter()
