@@ -101,7 +101,14 @@ class PartsDir:
         os.replace(parquet_output, self.part_path(0, 0))
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Remove the directory, atomically for readers: a crash midway leaves either
+        every part (resume redoes nothing) or none (the final file is whole)."""
+        if not self.exists():
+            return
+        trash = self.path + ".removing"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(self.path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def schema(self) -> pa.Schema | None:
         """The schema of the parts (the first part's), or None without parts."""
