@@ -99,20 +99,20 @@ def test_template_needs_a_table_input(tmp_path):
 
 def test_resume_after_sigkill_completes_with_no_duplicates(tmp_path, base_args):
     src, out = str(tmp_path / "in.parquet"), tmp_path / "out.parquet"
-    n = build(80, src, row_group_rows=30)
-    args = [src, "--template", "{task}: {question}", "--id-column", "id", "-o", str(out), "--row-group-size", "8",
-            "--max-num-seqs", "8", *base_args]
+    n = build(120, src, row_group_rows=50)
+    args = [src, "--template", "{task}: {question}", "--id-column", "id", "-o", str(out), "--row-group-size", "12",
+            "--max-num-seqs", "16", *base_args, "-n", "2"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.Popen([sys.executable, "-m", "cbgen.cli", "run", *args], cwd=REPO, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     parts = Path(str(out) + ".parts")
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("*.parquet"))) < 3 and p.poll() is None:
+    while time.time() < deadline and len(list(parts.glob("*.parquet"))) < 4 and p.poll() is None:
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
     done = len(pq.read_table(parts).column("id")) if parts.exists() else 0
-    assert 24 <= done < n and not out.exists(), "killed mid-run"
+    assert 48 <= done < n and not out.exists(), "killed mid-run"
     r = subprocess.run([sys.executable, "-m", "cbgen.cli", "run", *args, "--resume"], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
