@@ -91,6 +91,15 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Skip ids already in --output and append the rest."),
     validate: bool = typer.Option(False, "--validate", help="Check inputs (parsing, templates, lengths); generate nothing."),
     system: Optional[str] = typer.Option(None, "--system", help="System message for chat inputs that have none."),
+    template: Optional[str] = typer.Option(None, "--template", help="Table inputs: the prompt from each row's "
+                                           "columns, Python format ('Summarize: {text}') or Jinja ('{{ text }}')."),
+    template_format: str = typer.Option("auto", "--template-format",
+                                        help="auto (Jinja iff the template has {{, {% or {#) | python | jinja."),
+    prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Table inputs: a raw prompt column."),
+    messages_column: Optional[str] = typer.Option(None, "--messages-column", help="Table inputs: a chat column."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Table inputs: the id column (default: row number)."),
+    row_group_size: int = typer.Option(1000, "--row-group-size", help="Table outputs: rows per row group, and "
+                                       "per crash-safe part (a part is also written every 30 s)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -116,26 +125,43 @@ def run(
     from .frontends.run import BatchRun, RunOptions
     if text:
         fmt = "text"
-    if fmt not in ("jsonl", "openai", "text"):
-        fail(f"--format {fmt!r}: expected jsonl, openai or text")
-    order = order or ("finish" if "-" in inputs else "input")
+    from .frontends.table_plan import TABLE_FMTS, output_format, plan_tables
+    try:
+        fmt = output_format(output, fmt)
+    except ValueError as e:
+        fail(str(e))
+    if fmt not in ("jsonl", "openai", "text", *TABLE_FMTS):
+        fail(f"--format {fmt!r}: expected jsonl, openai, text, parquet, csv or tsv")
+    if fmt in TABLE_FMTS and order == "finish":
+        fail(f"--order finish: a {fmt} output is written in input order")
+    order = order or ("finish" if "-" in inputs and fmt not in TABLE_FMTS else "input")
     if order not in ("finish", "input"):
         fail(f"--order {order!r}: expected finish or input")
     if resume and not output:
         fail("--resume needs --output FILE")
     for path in inputs:
-        if path != "-" and not os.path.isfile(path):
+        if path != "-" and not os.path.isfile(path) and not os.path.isdir(path):
             fail(f"input {path!r}: no such file")
+    try:
+        tables = plan_tables(inputs, fmt=fmt, template=template, template_format=template_format,
+                             prompt_column=prompt_column, messages_column=messages_column, id_column=id_column,
+                             samples=samples, part_rows=row_group_size)
+    except (ValueError, OSError) as e:
+        fail(str(e))
     defaults = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, samples)
     cfg = _engine_config(max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention)
     loaded = _load(model, dtype, threads)
     if validate:
         from .frontends.validate import validate_inputs
-        raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err))
+        raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err, tables.spec))
     engine = _engine(loaded, cfg)
     opts = RunOptions(inputs=inputs, output=output, fmt=fmt, order=order, resume=resume, system=system,
-                      defaults=defaults, quiet=quiet, progress=progress, model_name=loaded.name)
-    code = BatchRun(engine, loaded.tokenizer, opts, err).run()
+                      defaults=defaults, quiet=quiet, progress=progress, model_name=loaded.name, tables=tables)
+    from .io.resume import ResumeError
+    try:
+        code = BatchRun(engine, loaded.tokenizer, opts, err).run()
+    except ResumeError as e:
+        fail(str(e))
     raise typer.Exit(code)
 
 

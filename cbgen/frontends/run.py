@@ -23,13 +23,15 @@ from rich.live import Live
 from ..config import SamplingParams
 from ..engine.engine import Engine
 from ..engine.outputs import FinishReason, RequestOutput
-from ..io.reader import Prefetcher, read_records
+from ..io.reader import Prefetcher
 from ..io.records import InputError, InputRecord, LineParser
 from ..io.resume import load_done_ids
+from ..io.table_rows import read_inputs
 from ..io.writer import OutputClosed, ReorderBuffer, Writer, error_result, make_writer, result_from_outputs
 from .driver import Driver, EngineFailed
 from .interrupts import StopSignals
 from .progress import ProgressView
+from .table_plan import TablePlan
 from .prompting import PromptError, encode
 
 
@@ -46,6 +48,7 @@ class RunOptions:
     quiet: bool = False
     read_ahead: int = 64
     model_name: str | None = None
+    tables: TablePlan | None = None     # table options; .layout is set for a table output
 
 
 @dataclass
@@ -107,18 +110,25 @@ class BatchRun:
     # ---- the loop ---------------------------------------------------------
     def run(self) -> int:
         opts = self.opts
-        done = load_done_ids(opts.output) if opts.resume and opts.output and os.path.exists(opts.output) else None
+        table_out = opts.tables.layout if opts.tables is not None else None
+        if table_out is not None:  # pyarrow only for table outputs (start-up time)
+            from ..io.table_output import TableOutput, load_table_done_ids
+        done = (load_table_done_ids(opts.output) if table_out and opts.resume else
+                load_done_ids(opts.output) if opts.resume and opts.output and os.path.exists(opts.output) else None)
         if done is not None and done.done_ids:
             self.err.print(f"resume: {len(done.done_ids)} ids already in {opts.output}, skipping them",
                            highlight=False)
         parser = LineParser(opts.defaults, system=opts.system, skip_ids=done.done_ids if done else ())
-        prefetch = Prefetcher(read_records(opts.inputs, parser), maxsize=opts.read_ahead)
-        out_cm = (open(opts.output, "a" if opts.resume else "w", encoding="utf-8")
+        prefetch = Prefetcher(read_inputs(opts.inputs, parser, opts.tables and opts.tables.spec),
+                              maxsize=opts.read_ahead)
+        out_cm = (TableOutput(opts.output, opts.fmt, table_out, opts.inputs, resume=opts.resume,
+                              part_rows=opts.tables.part_rows) if table_out else
+                  open(opts.output, "a" if opts.resume else "w", encoding="utf-8")
                   if opts.output else nullcontext(sys.stdout))
         show = opts.progress if opts.progress is not None else (self.err.is_terminal and not opts.quiet)
         view = ProgressView(self.engine)
         driver = Driver(self.engine)
-        input_done = False
+        input_done = read_failed = False
         with out_cm as stream, StopSignals() as sig, driver:
             writer = make_writer(opts.fmt, stream)
             live = Live(view.render(), console=self.err, refresh_per_second=8, transient=True) if show else nullcontext()
@@ -142,7 +152,7 @@ class BatchRun:
                             except OSError as e:
                                 self.err.print(f"error: cannot read input: {e}", highlight=False)
                                 self.failed += 1
-                                input_done = True
+                                input_done = read_failed = True
                             input_done = input_done or prefetch.exhausted
                         if input_done and view.total is None:
                             view.total = view.done + len(self.pending)
@@ -165,6 +175,7 @@ class BatchRun:
                 for r in self.reorder.drain():
                     if r is not None:
                         writer.write(r)
+            writer.close(complete=input_done and not read_failed and not sig.stop_admitting)
         if self.not_started:
             self.err.print(f"{self.not_started} inputs never started; no record was written for them "
                            "(run again with --resume to do them)", highlight=False)

@@ -5,16 +5,17 @@ from __future__ import annotations
 from rich.console import Console
 
 from ..config import SamplingParams
-from ..io.reader import read_records
 from ..io.records import InputError, LineParser
+from ..io.table_rows import TableSpec, read_inputs
 from .prompting import PromptError, encode
 
 
-def validate_inputs(inputs: list[str], loaded, defaults: SamplingParams, system: str | None, err: Console) -> int:
+def validate_inputs(inputs: list[str], loaded, defaults: SamplingParams, system: str | None, err: Console,
+                    spec: TableSpec | None = None) -> int:
     """Prints one line per problem and a summary to ``err``; returns the exit code (1 if any problem)."""
     ok = bad = 0
     max_len = loaded.max_model_len
-    for item in read_records(inputs, LineParser(defaults, system=system)):
+    for item in read_inputs(inputs, LineParser(defaults, system=system), spec):
         if isinstance(item, InputError):
             problem = item.message
         else:

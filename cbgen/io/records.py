@@ -73,6 +73,7 @@ class InputError:
     line_no: int
     field: str                         # "json", "encoding", "temperature", "messages[1].content", ...
     message: str
+    extra: dict[str, Any] = field(default_factory=dict)  # table inputs: the row (io.table_rows.TableRow)
 
     def __str__(self) -> str:
         return self.message
@@ -259,9 +260,12 @@ class LineParser:
 
     def __call__(self, line: str, line_no: int, source: str | None = None) -> InputRecord | InputError | None:
         r = parse_line(line, line_no, self.defaults, system=self.system, source=source)
-        if r is None:
-            return None
-        loc = f"line {line_no}" if source is None else f"{source} line {line_no}"
+        return None if r is None else self.admit(r, line_no, source)
+
+    def admit(self, r: InputRecord | InputError, line_no: int, source: str | None = None,
+              unit: str = "line") -> InputRecord | InputError | None:
+        """Duplicate-id and resume checks for a parsed item (``unit``: "line" or a table's "row")."""
+        loc = f"{unit} {line_no}" if source is None else f"{source} {unit} {line_no}"
         if r.id in self.seen:
             rid = base = str(line_no) if source is None else f"{source}:{line_no}"
             k = 1
@@ -269,7 +273,7 @@ class LineParser:
                 k += 1
                 rid = f"{base}#{k}"
             r = InputError(rid, line_no, "id", f"{loc}: field 'id': duplicate id {_show(r.id)} "
-                                               f"(first on {self.seen[r.id]})")
+                                               f"(first on {self.seen[r.id]})", r.extra)
         self.seen[r.id] = loc
         if r.id in self.skip_ids:
             self.skipped += 1

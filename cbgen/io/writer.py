@@ -44,6 +44,7 @@ class ResultRecord:
     logprobs: list[float] | None = None  # sample 0, when asked
     chat: bool = True                    # OpenAI object: chat.completion vs text_completion
     messages: list[dict] | None = None   # the input, when a front-end echoes it (chat's /save)
+    row: Any = None                      # io.table_rows.TableRow of the input, for table outputs; not in to_dict
 
     def to_dict(self) -> dict[str, Any]:
         """The cbgen JSONL record; ``choices`` / ``logprobs`` / ``messages`` only when present."""
@@ -72,16 +73,18 @@ def result_from_outputs(rec: InputRecord, outputs: Sequence[RequestOutput], mode
     choices = ([{"index": o.index, "text": o.text, "finish_reason": _reason(o)} for o in outs]
                if len(outs) > 1 else None)
     return ResultRecord(rec.id, rec.line_no, first.text, _reason(first), choices, usage,
-                        last.metrics.to_dict(), rec.params.to_dict(), model, None, first.logprobs, rec.is_chat)
+                        last.metrics.to_dict(), rec.params.to_dict(), model, None, first.logprobs, rec.is_chat,
+                        row=rec.extra.get("row"))
 
 
 def error_result(item: InputError | InputRecord, message: str | None = None, model: str | None = None) -> ResultRecord:
     """An error record for a rejected line (``InputError``) or a valid input the engine refused (``message``)."""
     if isinstance(item, InputError):
-        return ResultRecord(item.id, item.line_no, None, "error", model=model, error=message or item.message)
+        return ResultRecord(item.id, item.line_no, None, "error", model=model, error=message or item.message,
+                            row=item.extra.get("row"))
     assert message, "an engine rejection needs a message"
     return ResultRecord(item.id, item.line_no, None, "error", params=item.params.to_dict(), model=model,
-                        error=message, chat=item.is_chat)
+                        error=message, chat=item.is_chat, row=item.extra.get("row"))
 
 
 class Writer:
@@ -105,6 +108,9 @@ class Writer:
             self.stream.flush()
         except BrokenPipeError as e:
             raise OutputClosed(str(e)) from e
+
+    def close(self, complete: bool = True) -> None:
+        """The run is over (``complete``: every input has its record). Stream writers have nothing to do."""
 
     def _json(self, d: dict) -> str:
         return json.dumps(d, ensure_ascii=self.ascii) + "\n"
@@ -161,7 +167,12 @@ WRITERS: dict[str, type[Writer]] = {"jsonl": JsonlWriter, "openai": OpenAIWriter
 
 
 def make_writer(fmt: str, stream: TextIO) -> Writer:
-    """The writer for ``--format`` ``fmt`` (jsonl | openai | text)."""
+    """The writer for ``--format`` ``fmt`` (jsonl | openai | text | parquet | csv | tsv).
+
+    For the table formats ``stream`` is an opened ``io.table_output.TableOutput``."""
+    if fmt in ("parquet", "csv", "tsv"):
+        from cbgen.io.table_output import TableWriter
+        return TableWriter(stream)
     if fmt not in WRITERS:
         raise ValueError(f"format={fmt!r} is invalid: expected one of {', '.join(WRITERS)}")
     return WRITERS[fmt](stream)
