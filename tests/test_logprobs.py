@@ -14,6 +14,7 @@ from cbgen.engine.detokenizer import Detokenizer
 from cbgen.engine.engine import Engine
 from cbgen.engine.request import Request
 from cbgen.engine.token_bytes import TokenBytes
+from helpers import drain
 
 PROMPT = "Paris is the capital of France. Berlin is the capital of Germany. Rome is"
 
@@ -24,16 +25,6 @@ def run(loaded, requests, **cfg):
     for rid, p, sp in requests:
         eng.add_request(rid, p, sp)
     return drain(eng), eng
-
-
-def drain(eng):
-    finals = {}
-    while eng.has_unfinished:
-        for o in eng.step():
-            if o.finished:
-                finals[(o.request_id, o.index)] = o
-    assert eng.block_manager.all_free()
-    return finals
 
 
 def reference(loaded, ids: list[int]) -> torch.Tensor:

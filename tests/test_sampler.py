@@ -12,6 +12,7 @@ from cbgen.config import EngineConfig, SamplingParams
 from cbgen.engine.engine import Engine
 from cbgen.engine.request import Request
 from cbgen.engine.sampler import _apply_penalties, sample
+from helpers import drain
 
 EOS = 2
 
@@ -126,13 +127,7 @@ def run(loaded, requests, **cfg):
     eng = Engine.from_loaded(loaded, EngineConfig(**cfg))
     for rid, p, sp in requests:
         eng.add_request(rid, p, sp)
-    finals = {}
-    while eng.has_unfinished:
-        for o in eng.step():
-            if o.finished:
-                finals[(o.request_id, o.index)] = o
-    assert eng.block_manager.all_free()
-    return finals
+    return drain(eng)
 
 
 def test_seeded_request_gives_the_same_tokens_whatever_else_is_in_the_batch(sharp):
