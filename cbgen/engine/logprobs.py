@@ -22,9 +22,9 @@ def token_logprobs(logits: torch.Tensor, token_ids: list[int], ks: list[int]) ->
     """``logits`` [R, V] (any float dtype) raw model logits; ``token_ids`` [R] the token
     each row chose; ``ks`` [R] how many top alternatives each row wants (0..V).
 
-    Returns one ``TokenLogprobs`` per row: log_softmax in float32, the chosen token's
-    logprob and 1-based rank, and the ``ks[i]`` most likely tokens (``torch.topk``,
-    sorted, most likely first)."""
+    Returns one ``TokenLogprobs`` per row: log_softmax in float32,
+    the chosen token's logprob and 1-based rank, and the ``ks[i]`` most likely tokens
+    (``torch.topk``, sorted, most likely first)."""
     assert logits.shape[0] == len(token_ids) == len(ks)
     out: list[TokenLogprobs] = []
     for a in range(0, len(token_ids), _ROWS_PER_PASS):
@@ -34,17 +34,19 @@ def token_logprobs(logits: torch.Tensor, token_ids: list[int], ks: list[int]) ->
 
 
 def _pass(logits: torch.Tensor, token_ids: list[int], ks: list[int]) -> list[TokenLogprobs]:
-    lp = logits.float().log_softmax(-1)
-    ids = torch.tensor(token_ids, device=lp.device).unsqueeze(1)
-    chosen = lp.gather(1, ids)                                   # [R, 1]
-    ranks = ((lp > chosen).sum(-1) + 1).tolist()
-    chosen_l = chosen.squeeze(1).tolist()
-    k = max(ks)
-    top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
-    top_v = top_v.tolist() if k else None
-    top_i = top_i.tolist() if k else None
-    return [TokenLogprobs(t, chosen_l[i], ranks[i],
-                          tuple(top_i[i][:ks[i]]) if k else (), tuple(top_v[i][:ks[i]]) if k else ())
+    lp = logits.float().log_softmax(-1)     # (torch's log_softmax measured faster than logsumexp on CPU)
+    chosen = lp.gather(1, torch.tensor(token_ids, device=lp.device).unsqueeze(1))   # [R, 1]
+    top_v, top_i = lp.topk(max(max(ks), 1), dim=-1)              # sorted, most likely first
+    # Rank = 1 + tokens strictly more likely. Every such token is in the top-k when the
+    # chosen one is at least as likely as the k-th (always, for greedy rows); only the
+    # other rows need a pass over the vocabulary.
+    ranks = (top_v > chosen).sum(-1) + 1
+    outside = (chosen < top_v[:, -1:]).squeeze(1).nonzero().squeeze(1)
+    if outside.numel():
+        ranks[outside] = (lp[outside] > chosen[outside]).sum(-1) + 1
+    chosen_l, rank_l = chosen.squeeze(1).tolist(), ranks.tolist()
+    top_l, top_i_l = top_v.tolist(), top_i.tolist()
+    return [TokenLogprobs(t, chosen_l[i], rank_l[i], tuple(top_i_l[i][:ks[i]]), tuple(top_l[i][:ks[i]]))
             for i, t in enumerate(token_ids)]
 
 

@@ -108,7 +108,8 @@ def sample(logits: torch.Tensor, reqs: list[Request],
     used when every row is plain greedy, the common batch-job step. Logprobs are
     computed on the rows that asked only (a copy taken before any penalty)."""
     lp_rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
-    raw = logits[lp_rows] if lp_rows else None     # advanced indexing: a copy, safe from in-place edits
+    # A copy of the asking rows only, taken before penalties edit the logits in place.
+    raw = logits.index_select(0, torch.tensor(lp_rows, device=logits.device)) if lp_rows else None
     token_ids = _sample_tokens(logits, reqs, argmax)
     if raw is None:
         return SampleResult(token_ids)
