@@ -126,6 +126,7 @@ def test_set_validates_through_sampling_params(chat):
     assert chat.handle("/set temprature 1") == "unknown setting 'temprature' (did you mean 'temperature'?); " \
                                                "/set lists them"
     assert chat.handle("/set n 2").startswith("n cannot be set")
+    assert chat.handle("/set logprobs 2").startswith("logprobs cannot be set: chat does not show logprobs")
     assert chat.handle("/set temperature 0.5") == "temperature=0.5 for new prompts"
     assert chat.handle("/set max_tokens 7") == "max_new_tokens=7 for new prompts"
     assert chat.handle('/set stop "a b" c') == "stop=['a b', 'c'] for new prompts"
