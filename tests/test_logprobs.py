@@ -183,3 +183,25 @@ def test_rows_that_did_not_ask_add_no_logprob_work(sharp, monkeypatch):
     p = sharp.tokenizer.encode(PROMPT)
     run(sharp, [(str(i), p, SamplingParams(max_new_tokens=3)) for i in range(4)])
     assert seen == [] and called == [], "no logprob work in steps where nobody asked"
+
+
+def test_sentencepiece_style_tokens_map_spaces_and_byte_fallback():
+    """Llama 2 / Mistral vocabularies: ``▁`` is a space, ``<0xNN>`` one raw byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for t in ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "▁he", "ll", "▁hell", "▁hello", "▁w"]:
+        vocab.setdefault(t, len(vocab))
+    merges = [("▁", "h"), ("▁h", "e"), ("l", "l"), ("▁he", "ll"), ("▁hell", "o"), ("▁", "w")]
+    t = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    ids = tok.encode("hello wörld", add_special_tokens=False)
+    tb = TokenBytes(tok)
+    assert not tb.byte_level
+    assert [tb.bytes_of(i) for i in ids] == [b" hello", b" w", b"\xc3", b"\xb6", b"r", b"l", b"d"]
+    assert [tb.text_of(i) for i in ids][2:4] == ["\\xc3", "\\xb6"]
+    assert tb.text_of(tok.eos_token_id) == "</s>"
