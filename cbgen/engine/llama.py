@@ -30,6 +30,8 @@ and returns logits at ``keep`` (or None when ``keep`` is empty: a prefill-only s
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Iterator
@@ -49,6 +51,8 @@ class _Proj:
         self.w, self.b, self.packed = w, b, None
 
     def pack(self) -> None:
+        if not _reorder_works():
+            return
         packed = torch.ops.mkldnn._reorder_linear_weight(self.w)
         probe = torch.randn(3, self.w.shape[1], generator=torch.Generator().manual_seed(0)).to(self.w.dtype)
         if torch.equal(self._packed(probe, packed), F.linear(probe, self.w, self.b)):
@@ -62,8 +66,19 @@ class _Proj:
 
 
 def _can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    return (dtype == torch.bfloat16 and device.type == "cpu"
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return (dtype == torch.bfloat16 and device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and _reorder_works())
+
+
+@functools.cache
+def _reorder_works() -> bool:
+    """oneDNN's bf16 packing needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; on other CPUs
+    (e.g. AMD Zen 3, AVX2 only) ``_reorder_linear_weight`` raises RuntimeError."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16))
+    except RuntimeError:
+        return False
+    return True
 
 
 @dataclass
