@@ -180,7 +180,6 @@ class Engine:
             stop_reason=req.stop_reason, extra=req.extra)
         if req.is_finished:
             self._attach_logprobs(out, req, detok)
-        if req.is_finished:
             self._retire(req)
         return out
 

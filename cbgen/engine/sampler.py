@@ -8,16 +8,13 @@ output whatever else is in the batch, and after a preemption.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
-from .logprobs import token_logprobs
+from .logprobs import PromptLogprobs, token_logprobs
 from .outputs import TokenLogprobs
 from .request import Request
-
-if TYPE_CHECKING:
-    from .logprobs import PromptLogprobs
 
 NEG_INF = float("-inf")
 
@@ -28,7 +25,7 @@ class SampleResult:
     # Per sampling row: the sampled token's logprobs (raw model distribution, before
     # warping) for rows whose request asked, else None; None when no row asked.
     logprobs: list[TokenLogprobs | None] | None = None
-    prompt_logprobs: list["PromptLogprobs"] = field(default_factory=list)   # filled by the runner
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)   # filled by the runner
 
 
 def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:

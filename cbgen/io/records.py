@@ -139,11 +139,11 @@ def _params(defaults: SamplingParams, values: dict[str, Any], prefix: str, api: 
     vals: dict[str, Any] = {}
     given: dict[str, str] = {}  # canonical name -> key the user wrote, so errors name their key
     try:  # logprobs / top_logprobs differ by API (logprob_fields.py)
-        lp_given, vals["logprobs"] = resolve_logprobs(values, defaults, api)
+        lp_given, lp = resolve_logprobs(values, defaults, api)
     except LogprobFieldError as e:
         raise _Bad(prefix + e.field, e.what) from None
-    if not lp_given:
-        del vals["logprobs"]
+    if lp_given:
+        vals["logprobs"] = lp
     for key, v in values.items():
         name = ALIASES.get(key, key)
         if name not in FIELDS or v is None or name == "logprobs":
