@@ -109,6 +109,11 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     samples: int = typer.Option(1, "--samples", help="Samples per prompt (n)."),
+    logprobs: bool = typer.Option(False, "--logprobs", help="Log-probability of each generated token."),
+    top_logprobs: Optional[int] = typer.Option(None, "--top-logprobs",
+                                               help="And the K most likely tokens at each (0-20; implies --logprobs)."),
+    prompt_logprobs: Optional[int] = typer.Option(None, "--prompt-logprobs",
+                                                  help="Logprobs of the prompt tokens, with K alternatives (0-20)."),
     max_num_seqs: int = typer.Option(EngineConfig.max_num_seqs, "--max-num-seqs",
                                       help="Sequences decoding at once."),
     max_batched_tokens: int = typer.Option(EngineConfig.max_num_batched_tokens, "--max-batched-tokens",
@@ -149,6 +154,11 @@ def run(
     except (ValueError, OSError) as e:
         fail(str(e))
     defaults = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, samples)
+    try:
+        from .io.logprob_fields import cli_defaults
+        defaults = cli_defaults(defaults, logprobs, top_logprobs, prompt_logprobs)
+    except ValueError as e:
+        fail(str(e))
     cfg = _engine_config(max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention)
     loaded = _load(model, dtype, threads)
     if validate:

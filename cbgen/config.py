@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 MAX_SEED = 2**63 - 1
+MAX_LOGPROBS = 20   # top logprobs per position (OpenAI's top_logprobs limit; vLLM's default max_logprobs)
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -68,7 +69,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    logprobs: bool = False
+    # vLLM's meaning: the number of most likely tokens to report with each generated
+    # token's log-probability (0 = the sampled token only); None = no logprobs. Both are
+    # of the raw model distribution, before temperature, penalties and top-k/p.
+    logprobs: int | None = None
+    # The same for every prompt token after the first (vLLM's prompt_logprobs).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Accept lists / a single string from JSON and normalise to tuples.
@@ -106,7 +112,11 @@ class SamplingParams:
                "stop", list(self.stop), "at most 16 non-empty strings")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                "stop_token_ids", list(self.stop_token_ids), "a list of token ids >= 0")
-        for name in ("include_stop_str_in_output", "ignore_eos", "logprobs"):
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            _check(v is None or (_is_int(v) and 0 <= v <= MAX_LOGPROBS), name, v,
+                   f"null or an integer in [0, {MAX_LOGPROBS}] (top logprobs per token)")
+        for name in ("include_stop_str_in_output", "ignore_eos"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
 
     @property

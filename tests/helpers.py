@@ -49,3 +49,15 @@ def native_or_skip(obj, what: str):
     if obj is None:
         pytest.skip(f"no C compiler: the {what} cannot be built here")
     return obj
+
+
+def drain(eng) -> dict:
+    """Step ``eng`` until nothing is unfinished: {(request_id, index): final RequestOutput};
+    checks every KV block came back."""
+    finals = {}
+    while eng.has_unfinished:
+        for o in eng.step():
+            if o.finished:
+                finals[(o.request_id, o.index)] = o
+    assert eng.block_manager.all_free()
+    return finals

@@ -128,6 +128,7 @@ def test_set_validates_through_sampling_params(chat):
     assert handle(chat, "/set temprature 1") == "unknown setting 'temprature' (did you mean 'temperature'?); " \
                                                "/set lists them"
     assert handle(chat, "/set n 2").startswith("n cannot be set")
+    assert handle(chat, "/set logprobs 2").startswith("logprobs cannot be set: chat does not show logprobs")
     assert handle(chat, "/set temperature 0.5") == "temperature=0.5 for new prompts"
     assert handle(chat, "/set max_tokens 7") == "max_new_tokens=7 for new prompts"
     assert handle(chat, '/set stop "a b" c') == "stop=['a b', 'c'] for new prompts"

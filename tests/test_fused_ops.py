@@ -72,7 +72,7 @@ def test_bf16_logits_with_and_without_it_agree(tiny_loaded, ops):
     for i, ids in enumerate([[5, 6, 7, 8], [9, 10, 11, 12, 13, 14], [20, 21]]):
         eng.add_request(str(i), ids)
     eng._drain_inbox()
-    ids, pos, keep, batch = eng.runner._batch(eng.scheduler.schedule())
+    ids, pos, keep, batch, _ = eng.runner._batch(eng.scheduler.schedule())
     assert batch.fused is not None
     fused = eng.runner.native.forward(ids[0], pos[0], batch, keep).float()
     batch.fused = None
@@ -109,11 +109,15 @@ def test_sampler_uses_it_only_for_plain_greedy_rows(ops):
     greedy = [Request(str(i), [1, 2], SamplingParams(), frozenset()) for i in range(2)]
     assert sample(logits, greedy, spy).token_ids == logits.float().argmax(-1).tolist()
     assert calls == [(2, 50)]
-    for params in (SamplingParams(temperature=0.7, seed=1), SamplingParams(logprobs=True),
+    for params in (SamplingParams(temperature=0.7, seed=1),
                    SamplingParams(repetition_penalty=1.3), SamplingParams(min_new_tokens=3)):
         reqs = [greedy[0], Request("x", [1, 2], params, frozenset())]
         sample(logits, reqs, spy)
         assert len(calls) == 1, params      # the float32 path handled it
+    # Logprobs do not change how tokens are picked: greedy rows asking for them keep the native path.
+    res = sample(logits, [greedy[0], Request("x", [1, 2], SamplingParams(logprobs=3), frozenset())], spy)
+    assert len(calls) == 2 and res.token_ids == logits.float().argmax(-1).tolist()
+    assert res.logprobs[0] is None and res.logprobs[1].top_token_ids[0] == res.token_ids[1]
 
 
 @pytest.mark.parametrize("T", [1, 5, 64])

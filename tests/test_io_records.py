@@ -57,7 +57,7 @@ def test_openai_chat_and_completions_envelopes():
     assert r.extra == {"url": "/v1/chat/completions", "method": "POST", "model": "m"}
     pr = r.params
     assert (pr.max_new_tokens, pr.temperature, pr.top_p, pr.stop, pr.seed, pr.n) == (9, 0, 0.9, ("END",), 3, 2)
-    assert (pr.presence_penalty, pr.frequency_penalty, pr.logprobs) == (0.5, -0.5, True)
+    assert (pr.presence_penalty, pr.frequency_penalty, pr.logprobs) == (0.5, -0.5, 0)   # vLLM: 0 alternatives
     r = p({"custom_id": "c2", "url": "/v1/completions", "method": "POST",
            "body": {"prompt": "The", "max_completion_tokens": 4}})
     assert r.prompt == "The" and r.messages is None and r.params.max_new_tokens == 4

@@ -33,7 +33,7 @@ def test_request_counters_and_derived_figures():
 
 def test_request_copies_prompt_and_prepares_logprobs():
     prompt = [1, 2]
-    r = Request("a", prompt, SamplingParams(logprobs=True), index=2)
+    r = Request("a", prompt, SamplingParams(logprobs=0), index=2)
     r.token_ids.append(3)
     assert prompt == [1, 2]
     assert r.logprobs == [] and r.key == ("a", 2)
@@ -59,6 +59,9 @@ def test_request_needs_a_prompt_token():
     ("stop", [""], ["stop", "non-empty"]),
     ("stop_token_ids", [-1], ["stop_token_ids"]),
     ("ignore_eos", "yes", ["ignore_eos", "true or false"]),
+    ("logprobs", 21, ["logprobs", "[0, 20]"]),
+    ("logprobs", True, ["logprobs", "null or an integer"]),
+    ("prompt_logprobs", -1, ["prompt_logprobs", "[0, 20]"]),
 ])
 def test_sampling_params_reject_out_of_range(field, value, words):
     with pytest.raises(ValueError) as e:

@@ -12,6 +12,7 @@ from cbgen.config import EngineConfig, SamplingParams
 from cbgen.engine.engine import Engine
 from cbgen.engine.request import Request
 from cbgen.engine.sampler import _apply_penalties, sample
+from helpers import drain
 
 EOS = 2
 
@@ -27,12 +28,12 @@ def req(prompt=(10, 11, 12), output=(), index=0, **params):
 def test_greedy_is_argmax_and_logprobs_are_log_softmax():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 50, generator=g)
-    reqs = [req(logprobs=True) for _ in range(6)]
+    reqs = [req(logprobs=0) for _ in range(6)]
     res = sample(logits.clone(), reqs)
     assert res.token_ids == logits.argmax(-1).tolist()
     expected = logits.log_softmax(-1).max(-1).values
-    assert torch.allclose(torch.tensor(res.logprobs), expected, atol=1e-6)
-    assert all(lp <= 0 for lp in res.logprobs)
+    assert torch.allclose(torch.tensor([e.logprob for e in res.logprobs]), expected, atol=1e-6)
+    assert all(e.logprob <= 0 and e.rank == 1 and e.top_token_ids == () for e in res.logprobs)
     assert sample(logits.clone(), [req() for _ in range(6)]).logprobs is None
 
 
@@ -126,13 +127,7 @@ def run(loaded, requests, **cfg):
     eng = Engine.from_loaded(loaded, EngineConfig(**cfg))
     for rid, p, sp in requests:
         eng.add_request(rid, p, sp)
-    finals = {}
-    while eng.has_unfinished:
-        for o in eng.step():
-            if o.finished:
-                finals[(o.request_id, o.index)] = o
-    assert eng.block_manager.all_free()
-    return finals
+    return drain(eng)
 
 
 def test_seeded_request_gives_the_same_tokens_whatever_else_is_in_the_batch(sharp):
@@ -211,9 +206,11 @@ def test_n_samples_share_prompt_blocks_and_differ(sharp):
 def test_logprobs_of_greedy_tokens_are_the_log_softmax_max(sharp):
     tok = sharp.tokenizer
     p = tok.encode("Paris is the capital of France.")
-    o = run(sharp, [("l", p, SamplingParams(max_new_tokens=10, min_new_tokens=10, logprobs=True))])[("l", 0)]
-    assert len(o.logprobs) == len(o.token_ids) == 10
-    assert all(lp <= 0 for lp in o.logprobs)
+    o = run(sharp, [("l", p, SamplingParams(max_new_tokens=10, min_new_tokens=10, logprobs=0,
+                                                                 ignore_eos=True))])[("l", 0)]
+    lps = [e.chosen.logprob for e in o.logprobs]
+    assert len(lps) == len(o.token_ids) == 10
+    assert all(lp <= 0 for lp in lps)
     model = sharp.model
     prev = model.config._attn_implementation
     model.set_attn_implementation("sdpa")
@@ -225,10 +222,10 @@ def test_logprobs_of_greedy_tokens_are_the_log_softmax_max(sharp):
     lsm = logits.log_softmax(-1)
     # EOS is suppressed (min_new_tokens) for the choice, not for the reported log-probability.
     chosen = lsm.gather(1, torch.tensor(o.token_ids).unsqueeze(1)).squeeze(1)
-    assert torch.allclose(torch.tensor(o.logprobs), chosen, atol=1e-4)
+    assert torch.allclose(torch.tensor(lps), chosen, atol=1e-4)
     no_eos = lsm.clone()
     no_eos[:, EOS] = -math.inf
     assert torch.allclose(chosen, no_eos.max(-1).values, atol=1e-4)
-    sampled = run(sharp, [("s", p, SamplingParams(max_new_tokens=5, temperature=1.0, seed=3, logprobs=True,
+    sampled = run(sharp, [("s", p, SamplingParams(max_new_tokens=5, temperature=1.0, seed=3, logprobs=0,
                                                     ignore_eos=True))])[("s", 0)]
-    assert len(sampled.logprobs) == 5 and all(lp <= 0 for lp in sampled.logprobs)
+    assert len(sampled.logprobs) == 5 and all(e.chosen.logprob <= 0 for e in sampled.logprobs)

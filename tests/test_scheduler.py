@@ -5,7 +5,7 @@ import sys
 
 from cbgen.config import EngineConfig, SamplingParams
 from cbgen.engine.block_manager import BlockManager
-from cbgen.engine.outputs import FinishReason
+from cbgen.engine.outputs import FinishReason, TokenLogprobs
 from cbgen.engine.request import Request, RequestStatus
 from cbgen.engine.scheduler import Scheduler
 
@@ -233,10 +233,11 @@ def test_sibling_samples_wait_for_the_first_prefill_and_share_its_blocks():
 
 def test_update_appends_logprobs_and_reports_sampling_requests_only():
     s = make(budget=16)
-    a = Request("a", list(range(30)), SamplingParams(max_new_tokens=2, logprobs=True))
+    a = Request("a", list(range(30)), SamplingParams(max_new_tokens=2, logprobs=0))
     s.add(a)
     out = s.schedule()
     assert s.update(out, [], None) == []   # partial chunk
     out = s.schedule()
-    assert s.update(out, [5], [-0.25]) == [a]
-    assert a.logprobs == [-0.25] and a.output_token_ids == [5]
+    lp = TokenLogprobs(5, -0.25, 1)
+    assert s.update(out, [5], [lp]) == [a]
+    assert a.logprobs == [lp] and a.output_token_ids == [5]

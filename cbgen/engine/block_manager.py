@@ -69,8 +69,10 @@ class BlockManager:
         """Blocks holding the longest cached prefix of ``req.token_ids``.
 
         At least one token is always left to compute: the step needs its logits.
+        None is reused for a request that still needs prompt logprobs: a cache hit
+        would skip computing the logits of the prompt positions it must report.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or req.needs_prompt_logprobs:
             return []
         bs = self.block_size
         max_blocks = (req.num_tokens - 1) // bs

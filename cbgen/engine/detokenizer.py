@@ -8,6 +8,7 @@ start of a stop string, so streamed text never shows what the final text drops.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 
@@ -21,6 +22,9 @@ class Detokenizer:
     emitted: int = 0         # chars of `text` already handed out
     prefix_offset: int = 0
     read_offset: int = 0
+    # Per token added: len(text) before it, i.e. where its text starts. Non-decreasing;
+    # a token holding part of a character gets the offset where that character starts.
+    offsets: list[int] = field(default_factory=list)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -28,6 +32,7 @@ class Detokenizer:
     def add(self, new_ids: list[int]) -> str | None:
         """Append tokens; returns the stop string if one now occurs in the text."""
         self.token_ids.extend(new_ids)
+        self.offsets.extend([len(self.text)] * len(new_ids))
         prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.token_ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -50,6 +55,12 @@ class Detokenizer:
         i, s = best
         self.text = self.text[: i + len(s) if self.include_stop else i]
         return s
+
+    def num_tokens_in(self, text_len: int) -> int:
+        """How many of the tokens added so far have text in ``text[:text_len]``: a
+        token that starts at or after that cut (a trailing EOS or other special
+        token, a token wholly inside a removed stop string) does not."""
+        return bisect.bisect_left(self.offsets, text_len)
 
     def delta(self, finished: bool) -> str:
         """Text not handed out yet; while running, a possible stop prefix is held back."""

@@ -20,6 +20,7 @@ from .outputs import FinishReason, RequestOutput
 from .request import Request
 from .runner import ModelRunner, kv_geometry, num_blocks_for
 from .scheduler import Scheduler
+from .token_bytes import TokenBytes
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Engine:
         self._detok: dict[tuple[str, int], Detokenizer] = {}
         self.num_steps = 0
         self.num_generated_tokens = 0
+        self._token_bytes: TokenBytes | None = None   # built at the first logprobs output
 
     @classmethod
     def from_loaded(cls, loaded, config: EngineConfig | None = None) -> "Engine":
@@ -137,6 +139,8 @@ class Engine:
             return outputs
         result = self.runner.execute(sched)
         changed = self.scheduler.update(sched, result.token_ids, result.logprobs)
+        for pl in result.prompt_logprobs:
+            pl.request.add_prompt_logprobs(pl.start, pl.entries)
         self.num_steps += 1
         self.num_generated_tokens += len(result.token_ids)
         for req in changed:
@@ -173,11 +177,25 @@ class Engine:
             request_id=req.request_id, index=req.index, new_token_ids=new_ids, text_delta=delta,
             text=detok.text[:detok.emitted], token_ids=req.output_token_ids, finished=req.is_finished,
             finish_reason=req.finish_reason, metrics=req.metrics(), num_samples=req.params.n,
-            logprobs=list(req.logprobs) if req.logprobs is not None and req.is_finished else None,
             stop_reason=req.stop_reason, extra=req.extra)
         if req.is_finished:
+            self._attach_logprobs(out, req, detok)
             self._retire(req)
         return out
+
+    def _attach_logprobs(self, out: RequestOutput, req: Request, detok: Detokenizer) -> None:
+        """Decode the finished request's logprobs: an entry per output token with text in
+        ``out.text`` (so stop-string cuts and a trailing EOS drop theirs), and the prompt's."""
+        if req.logprobs is None and req.prompt_logprobs is None:
+            return
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self.tokenizer)
+        tb = self._token_bytes
+        if req.logprobs is not None:
+            kept = detok.num_tokens_in(len(out.text))
+            out.logprobs = tb.positions(req.logprobs[:kept], detok.offsets[:kept])  # type: ignore[assignment]
+        if req.prompt_logprobs is not None:
+            out.prompt_logprobs = tb.positions(req.prompt_logprobs)
 
     def _retire(self, req: Request) -> None:
         self._detok.pop(req.key, None)

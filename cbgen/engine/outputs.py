@@ -26,6 +26,56 @@ def mean_tpot(first_token_at: float | None, finished_at: float | None, num_token
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities at one position, as token ids (sampler -> request).
+
+    All are natural logs under the raw model distribution: log_softmax of the
+    logits before penalties, min_new_tokens suppression, temperature and
+    top-k/top-p/min-p. ``token_id`` is the sampled token (for a prompt position,
+    the prompt's own token there) and ``rank`` its 1-based rank in the vocabulary
+    (1 + the number of tokens strictly more likely). ``top_token_ids`` /
+    ``top_logprobs``: the k most likely tokens, most likely first (k = the
+    request's ``logprobs`` or ``prompt_logprobs``; empty for k = 0).
+    """
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_token_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One token with its log-probability, decoded for output.
+
+    ``bytes`` are the token's exact UTF-8 bytes (from the tokenizer's byte-level
+    mapping: a token may hold part of a character); ``token`` is their text, with
+    bytes that do not form whole characters shown as ``\\xNN`` escapes.
+    ``rank`` is set for the chosen token, None for the alternatives.
+    """
+
+    token_id: int
+    token: str
+    bytes: bytes
+    logprob: float
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class PositionLogprobs:
+    """The chosen token at one position and the top-k alternatives (most likely first).
+
+    ``text_offset``: for a generated token, the characters of the output text
+    before it (where its text starts); None for a prompt token.
+    """
+
+    chosen: Logprob
+    top: tuple[Logprob, ...]
+    text_offset: int | None = None
+
+
+@dataclass(frozen=True)
 class RequestMetrics:
     """Timings are ``time.monotonic()`` seconds; derived figures are properties."""
 
@@ -97,6 +147,11 @@ class RequestOutput:
     finish_reason: FinishReason | None
     metrics: RequestMetrics
     num_samples: int = 1                       # n of the parent request
-    logprobs: list[float] | None = None        # per generated token, when asked
+    # When asked (params.logprobs), on the finished output only: one entry per generated
+    # token that is part of the text (a trailing EOS and tokens cut by a stop string have none).
+    logprobs: list[PositionLogprobs] | None = None
     stop_reason: str | int | None = None       # the stop string / token id that matched
     extra: dict = field(default_factory=dict)  # front-end data passed through add_request
+    # When asked (params.prompt_logprobs), on sample 0's finished output: one entry per
+    # prompt token, None for the first (nothing predicts it).
+    prompt_logprobs: list[PositionLogprobs | None] | None = None

@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any
 
 from ..config import SamplingParams
-from .outputs import FinishReason, RequestMetrics
+from .outputs import FinishReason, RequestMetrics, TokenLogprobs
 
 
 class RequestStatus(Enum):
@@ -43,7 +43,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
-    logprobs: list[float] | None = None
+    logprobs: list[TokenLogprobs] | None = None          # one per output token, when asked
+    # One per prompt token, [0] is None; only sample 0 of a request computes them.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
@@ -52,8 +54,10 @@ class Request:
     def __post_init__(self) -> None:
         assert self.prompt_token_ids, "a request needs at least one prompt token"
         self.token_ids = list(self.prompt_token_ids)
-        if self.params.logprobs:
+        if self.params.logprobs is not None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None and self.index == 0:
+            self.prompt_logprobs = [None]
 
     @property
     def key(self) -> tuple[str, int]:
@@ -86,6 +90,18 @@ class Request:
     @property
     def prefilled(self) -> bool:
         return self.num_computed_tokens >= len(self.prompt_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet: the runner keeps the logits
+        of those prompt positions, and the prefix cache must not skip them."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
+
+    def add_prompt_logprobs(self, start: int, entries: list[TokenLogprobs]) -> None:
+        """Record the logprobs of prompt tokens ``start .. start + len(entries) - 1``
+        (``start`` is always the first one missing: the runner asks only for those)."""
+        assert self.prompt_logprobs is not None and start == len(self.prompt_logprobs), (start, self.key)
+        self.prompt_logprobs.extend(entries)
 
     def metrics(self) -> RequestMetrics:
         return RequestMetrics(

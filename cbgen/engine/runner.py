@@ -17,6 +17,7 @@ from . import fused_ops, paged_kernel
 from . import attention
 from .attention import PagedBatch, PrefillChunk
 from .llama import LlamaForward, NativeLlama, head_dim_of
+from .logprobs import PromptSpan, prompt_logprobs, prompt_span
 from .sampler import SampleResult, sample
 from .scheduler import SchedulerOutput
 
@@ -140,6 +141,8 @@ class ModelRunner:
         blocks: list[int] = []
         offsets: list[int] = []
         keep: list[int] = []
+        prompt_rows: list[int] = []   # kept after the sampling rows, for prompt logprobs
+        spans: list[PromptSpan] = []
         dec_tables: list[list[int]] = []
         dec_lens: list[int] = []
         prefill_specs: list[tuple[int, int, int, list[int]]] = []
@@ -153,6 +156,11 @@ class ModelRunner:
             offsets.extend(p % bs for p in range(st, st + n))
             if s.samples:
                 keep.append(flat + n - 1)
+            span = prompt_span(req, st, n, len(prompt_rows))
+            if span is not None:
+                spans.append(span)
+                first = flat + span.start - 1 - st
+                prompt_rows.extend(range(first, first + span.count))
             if n == 1:
                 assert flat == len(dec_lens), "decodes come first"
                 dec_tables.append(table)
@@ -187,20 +195,24 @@ class ModelRunner:
         batch = PagedBatch(self.kv, bs, write_blocks, write_offsets, write_blocks * bs + write_offsets,
                            len(dec_lens), tables, lens, mask, pad, prefills, self.kernel, self.fused)
         return (torch.tensor(ids, device=dev).unsqueeze(0), torch.tensor(pos, device=dev).unsqueeze(0),
-                torch.tensor(keep, dtype=torch.long, device=dev), batch)
+                torch.tensor(keep + prompt_rows, dtype=torch.long, device=dev), batch, spans)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> SampleResult:
-        input_ids, positions, keep, batch = self._batch(out)
+        input_ids, positions, keep, batch, spans = self._batch(out)
         self.num_forward_tokens += input_ids.shape[1]
         samplers = [s.request for s in out.scheduled if s.samples]
         if self.native is not None:
             logits = self.native.forward(input_ids[0], positions[0], batch, keep)
-            argmax = self.fused.argmax if self.fused is not None else None
-            return sample(logits, samplers, argmax) if samplers else SampleResult([], None)
-        if not samplers:
+        elif keep.numel() == 0:
             self.model.base_model(input_ids=input_ids, position_ids=positions, use_cache=False, cbgen_batch=batch)
-            return SampleResult([], None)
-        logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
-                            logits_to_keep=keep, cbgen_batch=batch).logits[0]
-        return sample(logits, samplers)
+            logits = None
+        else:
+            logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
+                                logits_to_keep=keep, cbgen_batch=batch).logits[0]
+        argmax = self.fused.argmax if self.fused is not None else None   # fused exists only with native
+        # Sampling rows first (a contiguous slice), prompt-logprob rows after them.
+        result = sample(logits[:len(samplers)], samplers, argmax) if samplers else SampleResult([])
+        if spans:
+            result.prompt_logprobs = prompt_logprobs(logits, spans, len(samplers))
+        return result

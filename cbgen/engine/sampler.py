@@ -7,11 +7,13 @@ output whatever else is in the batch, and after a preemption.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from .logprobs import PromptLogprobs, token_logprobs
+from .outputs import TokenLogprobs
 from .request import Request
 
 NEG_INF = float("-inf")
@@ -20,7 +22,10 @@ NEG_INF = float("-inf")
 @dataclass
 class SampleResult:
     token_ids: list[int]
-    logprobs: list[float] | None   # log-probability of each sampled token under the model (before warping)
+    # Per sampling row: the sampled token's logprobs (raw model distribution, before
+    # warping) for rows whose request asked, else None; None when no row asked.
+    logprobs: list[TokenLogprobs | None] | None = None
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)   # filled by the runner
 
 
 def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
@@ -89,7 +94,7 @@ def _noise(probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
 
 def _plain_greedy(r: Request) -> bool:
     p = r.params
-    return p.greedy and not p.has_penalties and not p.logprobs and r.num_output_tokens >= p.min_new_tokens
+    return p.greedy and not p.has_penalties and r.num_output_tokens >= p.min_new_tokens
 
 
 def sample(logits: torch.Tensor, reqs: list[Request],
@@ -97,12 +102,26 @@ def sample(logits: torch.Tensor, reqs: list[Request],
     """``logits`` [len(reqs), V] for the requests that sample this step, in order.
 
     ``argmax``: a native ``logits.float().argmax(-1)`` for bf16 logits (fused_ops),
-    used when every row is plain greedy, the common batch-job step."""
+    used when every row is plain greedy, the common batch-job step. Logprobs are
+    computed on the rows that asked only (a copy taken before any penalty)."""
+    lp_rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+    # A copy of the asking rows only, taken before penalties edit the logits in place.
+    raw = logits.index_select(0, torch.tensor(lp_rows, device=logits.device)) if lp_rows else None
+    token_ids = _sample_tokens(logits, reqs, argmax)
+    if raw is None:
+        return SampleResult(token_ids)
+    entries = token_logprobs(raw, [token_ids[i] for i in lp_rows], [reqs[i].params.logprobs for i in lp_rows])
+    per_row: list[TokenLogprobs | None] = [None] * len(reqs)
+    for i, e in zip(lp_rows, entries):
+        per_row[i] = e
+    return SampleResult(token_ids, per_row)
+
+
+def _sample_tokens(logits: torch.Tensor, reqs: list[Request],
+                   argmax: Callable[[torch.Tensor], torch.Tensor] | None) -> list[int]:
     if argmax is not None and logits.dtype == torch.bfloat16 and all(_plain_greedy(r) for r in reqs):
-        return SampleResult(argmax(logits.contiguous()).tolist(), None)
+        return argmax(logits.contiguous()).tolist()
     logits = logits.float()
-    want_lp = any(r.params.logprobs for r in reqs)
-    raw_lp = logits.log_softmax(-1) if want_lp else None
     if any(r.params.has_penalties for r in reqs):
         _apply_penalties(logits, reqs)
     if any(r.num_output_tokens < r.params.min_new_tokens for r in reqs):
@@ -114,5 +133,4 @@ def sample(logits: torch.Tensor, reqs: list[Request],
         rows = torch.tensor(rand_rows, device=logits.device)
         probs = _warp(logits[rows], sub)
         tokens[rows] = (probs / _noise(probs, sub)).argmax(-1)
-    lp = raw_lp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist() if raw_lp is not None else None
-    return SampleResult(tokens.tolist(), lp)
+    return tokens.tolist()

@@ -29,7 +29,8 @@ HELP_TAIL = """\
 Ctrl-C clears the line, or on an empty line cancels the focus: the current thread's
 running sequences, else the most recent running one. Start a prompt with // to send a leading /."""
 
-_NOT_SETTABLE = {"n": "chat runs one sample per prompt"}
+_NOT_SETTABLE = {"n": "chat runs one sample per prompt", "logprobs": "chat does not show logprobs (use cbgen run)",
+                 "prompt_logprobs": "chat does not show logprobs (use cbgen run)"}
 _NONE_WORDS = ("none", "null", "off", "-")
 
 

@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 from typing import Any, Collection
 
 from cbgen.config import SamplingParams
+from cbgen.io.logprob_fields import LogprobFieldError, resolve_logprobs
 
 ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
 FIELDS = SamplingParams.field_names()
-KNOWN_SAMPLING = FIELDS | ALIASES.keys()
+KNOWN_SAMPLING = FIELDS | ALIASES.keys() | {"top_logprobs"}
 CBGEN_KEYS = {"id", "prompt", "messages", "metadata"}
 ROLES = ("system", "user", "assistant")
 OPENAI_URLS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
@@ -134,13 +135,19 @@ def _with_system(messages: list[dict[str, str]], system: str | None) -> list[dic
     return [{"role": "system", "content": system}, *messages]
 
 
-def _params(defaults: SamplingParams, values: dict[str, Any], prefix: str) -> SamplingParams:
+def _params(defaults: SamplingParams, values: dict[str, Any], prefix: str, api: str = "cbgen") -> SamplingParams:
     """``defaults`` overridden by the sampling keys of ``values``; other keys are skipped."""
     vals: dict[str, Any] = {}
     given: dict[str, str] = {}  # canonical name -> key the user wrote, so errors name their key
+    try:  # logprobs / top_logprobs differ by API (logprob_fields.py)
+        lp_given, lp = resolve_logprobs(values, defaults, api)
+    except LogprobFieldError as e:
+        raise _Bad(prefix + e.field, e.what) from None
+    if lp_given:
+        vals["logprobs"] = lp
     for key, v in values.items():
         name = ALIASES.get(key, key)
-        if name not in FIELDS or v is None:
+        if name not in FIELDS or v is None or name == "logprobs":
             continue
         if name in vals and vals[name] != v:
             raise _Bad(prefix + key, f"conflicts with '{prefix}{given[name]}'")
@@ -204,7 +211,8 @@ def _openai(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system:
     prompt = _text(body["prompt"], "body.prompt") if need == "prompt" else None
     messages = _messages(body["messages"], "body.messages", system) if need == "messages" else None
     extra = {"url": url, "method": method, "model": body.get("model")}
-    return InputRecord(rid, line_no, "openai", prompt, messages, _params(defaults, body, "body."), "openai", extra)
+    api = "completions" if need == "prompt" else "chat"
+    return InputRecord(rid, line_no, "openai", prompt, messages, _params(defaults, body, "body.", api), "openai", extra)
 
 
 def parse_line(line: str, line_no: int, defaults: SamplingParams, *, system: str | None = None,

@@ -13,7 +13,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Generic, Sequence, TextIO, TypeVar
 
-from cbgen.engine.outputs import RequestOutput
+from cbgen.engine.outputs import PositionLogprobs, RequestOutput
+from cbgen.io import logprob_format as lpf
 from cbgen.io.records import InputError, InputRecord
 
 T = TypeVar("T")
@@ -35,24 +36,27 @@ class ResultRecord:
     line: int
     text: str | None                     # sample 0; None for errors
     finish_reason: str                   # "stop" | "length" | "abort" | "error"
-    choices: list[dict] | None = None    # [{index, text, finish_reason}], only when n > 1
+    choices: list[dict] | None = None    # [{index, text, finish_reason[, logprobs]}], only when n > 1
     usage: dict | None = None            # prompt_tokens, cached_tokens, completion_tokens (all samples)
     timings: dict | None = None          # RequestMetrics.to_dict() of the sample that finished last
     params: dict | None = None           # SamplingParams.to_dict()
     model: str | None = None
     error: str | None = None
-    logprobs: list[float] | None = None  # sample 0, when asked
+    logprobs: list[PositionLogprobs] | None = None  # sample 0, when asked (choices carry each sample's)
     chat: bool = True                    # OpenAI object: chat.completion vs text_completion
     messages: list[dict] | None = None   # the input, when a front-end echoes it (chat's /save)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # when asked; [0] is None
     row: Any = None                      # io.table_rows.TableRow of the input, for table outputs; not in to_dict
 
     def to_dict(self) -> dict[str, Any]:
-        """The cbgen JSONL record; ``choices`` / ``logprobs`` / ``messages`` only when present."""
+        """The cbgen JSONL record; ``choices`` / ``logprobs`` / ``messages`` /
+        ``prompt_logprobs`` only when present (logprob_format.py has their shape)."""
         d = {"id": self.id, "line": self.line, "text": self.text, "finish_reason": self.finish_reason,
-             "choices": self.choices, "usage": self.usage, "timings": self.timings,
-             "params": self.params, "model": self.model, "error": self.error, "logprobs": self.logprobs,
-             "messages": self.messages}
-        for optional in ("choices", "logprobs", "messages"):
+             "choices": lpf.jsonl_choices(self.choices), "usage": self.usage, "timings": self.timings,
+             "params": self.params, "model": self.model, "error": self.error,
+             "logprobs": lpf.jsonl_logprobs(self.logprobs), "messages": self.messages,
+             "prompt_logprobs": lpf.jsonl_logprobs(self.prompt_logprobs)}
+        for optional in ("choices", "logprobs", "messages", "prompt_logprobs"):
             if d[optional] is None:
                 del d[optional]
         return d
@@ -70,11 +74,12 @@ def result_from_outputs(rec: InputRecord, outputs: Sequence[RequestOutput], mode
     last = max(outs, key=lambda o: o.metrics.finished_time or 0.0)  # so total_s is the record's wall time
     usage = {"prompt_tokens": m.num_prompt_tokens, "cached_tokens": m.num_cached_tokens,
              "completion_tokens": sum(o.metrics.num_generated_tokens for o in outs)}
-    choices = ([{"index": o.index, "text": o.text, "finish_reason": _reason(o)} for o in outs]
+    choices = ([{"index": o.index, "text": o.text, "finish_reason": _reason(o),
+                 **({"logprobs": o.logprobs} if o.logprobs is not None else {})} for o in outs]
                if len(outs) > 1 else None)
     return ResultRecord(rec.id, rec.line_no, first.text, _reason(first), choices, usage,
                         last.metrics.to_dict(), rec.params.to_dict(), model, None, first.logprobs, rec.is_chat,
-                        row=rec.extra.get("row"))
+                        prompt_logprobs=first.prompt_logprobs, row=rec.extra.get("row"))
 
 
 def error_result(item: InputError | InputRecord, message: str | None = None, model: str | None = None) -> ResultRecord:
@@ -133,13 +138,18 @@ class OpenAIWriter(Writer):
             code = "batch_cancelled" if rec.finish_reason == "abort" else "invalid_request"
             line["error"] = {"code": code, "message": rec.error or "cancelled before it finished"}
             return self._json(line)
-        samples = rec.choices or [{"index": 0, "text": rec.text, "finish_reason": rec.finish_reason}]
+        samples = rec.choices or [{"index": 0, "text": rec.text, "finish_reason": rec.finish_reason,
+                                   "logprobs": rec.logprobs}]
         if rec.chat:
             choices = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                        "logprobs": None, "finish_reason": c["finish_reason"]} for c in samples]
+                        "logprobs": lpf.chat_logprobs(c.get("logprobs")), "finish_reason": c["finish_reason"]}
+                       for c in samples]
         else:
-            choices = [{"index": c["index"], "text": c["text"], "logprobs": None,
+            choices = [{"index": c["index"], "text": c["text"], "logprobs": lpf.completion_logprobs(c.get("logprobs")),
                         "finish_reason": c["finish_reason"]} for c in samples]
+            if rec.prompt_logprobs is not None:   # vLLM puts them on each completions choice
+                for c in choices:
+                    c["prompt_logprobs"] = lpf.vllm_prompt_logprobs(rec.prompt_logprobs)
         u = rec.usage or {"prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0}
         usage = {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
                  "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
@@ -147,6 +157,8 @@ class OpenAIWriter(Writer):
         body = {"id": f"{'chatcmpl' if rec.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion" if rec.chat else "text_completion",
                 "created": int(time.time()), "model": rec.model, "choices": choices, "usage": usage}
+        if rec.chat and rec.prompt_logprobs is not None:   # vLLM: on the chat response itself
+            body["prompt_logprobs"] = lpf.vllm_prompt_logprobs(rec.prompt_logprobs)
         line["response"] = {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body}
         return self._json(line)
 
