@@ -119,9 +119,12 @@ def run(
         fail(f"--order {order!r}: expected finish or input")
     if resume and not output:
         fail("--resume needs --output FILE")
+    from .io.reader import binary_reason
     for path in inputs:
         if path != "-" and not os.path.isfile(path):
             fail(f"input {path!r}: no such file")
+        if path != "-" and (why := binary_reason(path)):
+            fail(why)
     defaults = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, samples)
     cfg = _engine_config(max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention)
     loaded = _load(model, dtype, threads)

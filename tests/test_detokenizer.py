@@ -64,11 +64,28 @@ def test_special_tokens_are_skipped(tok):
     assert "".join(deltas) == "Hi there"
 
 
-def test_dangling_bytes_are_flushed_at_finish(tok):
-    ids = tok.encode("ok 🎉")[:-1]           # the emoji's last byte is missing
+@pytest.mark.parametrize("text", ["ok 🎉", "naïve 日本", "é", "x 🎉🚀"])
+def test_a_character_cut_short_at_the_end_is_dropped_not_replaced(tok, text):
+    full = tok.encode(text)
+    for cut in range(1, len(full)):
+        ids = full[:cut]                     # max_new_tokens may stop after any of these tokens
+        lossy = decode(tok, ids)
+        d = Detokenizer(tok)
+        deltas, _ = stream(d, ids)
+        assert not d.text.endswith("\ufffd") and "".join(deltas) == d.text
+        assert d.text == lossy.removesuffix("\ufffd") and text.startswith(d.text)
+        assert d.token_ids == ids            # every token is kept (usage counts them)
+
+
+def test_invalid_bytes_before_the_cut_stay_replaced(tok):
+    # A lone continuation byte (invalid, never completed) then a cut-short character: only
+    # the incomplete tail goes.
+    cont = next(i for i in range(tok.vocab_size) if decode(tok, [i]) == "\ufffd"
+                and decode(tok, [i] + tok.encode("a")) == "\ufffda")
+    ids = tok.encode("a") + [cont] + tok.encode("b 🎉")[:-1]
     d = Detokenizer(tok)
-    deltas, _ = stream(d, ids)
-    assert "".join(deltas) == decode(tok, ids) and d.text.endswith("\ufffd")
+    stream(d, ids)
+    assert d.text == "a\ufffdb "
 
 
 def test_stop_string_across_tokens_is_cut_and_held_back(tok):

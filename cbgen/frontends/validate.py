@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from ..config import SamplingParams
-from ..io.reader import read_records
+from ..io.reader import read_records, source_names
 from ..io.records import InputError, LineParser
 from .prompting import PromptError, encode
 
@@ -14,7 +14,7 @@ def validate_inputs(inputs: list[str], loaded, defaults: SamplingParams, system:
     """Prints one line per problem and a summary to ``err``; returns the exit code (1 if any problem)."""
     ok = bad = 0
     max_len = loaded.max_model_len
-    for item in read_records(inputs, LineParser(defaults, system=system)):
+    for item in read_records(inputs, LineParser(defaults, system=system, sources=source_names(inputs))):
         if isinstance(item, InputError):
             problem = item.message
         else:
