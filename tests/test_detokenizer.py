@@ -158,3 +158,24 @@ def test_real_model_tokenizer_streams_multibyte_text(embedded_model):
     assert not any("\ufffd" in d for d in deltas)
     deltas, stop = stream(Detokenizer(tok, stop=("タワ",)), ids)
     assert stop == "タワ" and "".join(deltas) == "Grüße aus Köln — 東京"
+
+
+def test_engine_outputs_cut_by_max_new_tokens_never_end_in_a_replacement_char(sharp):
+    # Sampled tokens of the sharpened tiny model are often single bytes of multi-byte
+    # characters, so some generations stop inside one (checked below, so the test bites).
+    from cbgen.config import EngineConfig, SamplingParams
+    from cbgen.engine.engine import Engine
+
+    tok = sharp.tokenizer
+    eng = Engine.from_loaded(sharp, EngineConfig(max_num_seqs=32))
+    prompt = tok.encode(MULTIBYTE)
+    params = [SamplingParams(max_new_tokens=n, min_new_tokens=n, temperature=1.0, seed=s)
+              for s in range(12) for n in (3, 7)]
+    outs = eng.generate([prompt] * len(params), params)
+    cut = 0
+    for o, p in zip(outs, params):
+        lossy = decode(tok, o.token_ids)
+        cut += lossy.endswith("\ufffd")
+        assert len(o.token_ids) == o.metrics.num_generated_tokens == p.max_new_tokens  # usage counts them all
+        assert o.text == lossy.removesuffix("\ufffd") and not o.text.endswith("\ufffd")
+    assert cut, "no generation stopped inside a character; the test needs one"
