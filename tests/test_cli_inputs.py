@@ -156,3 +156,15 @@ def test_second_ctrl_c_then_resume_loses_nothing_and_leaves_one_final_record_per
     assert all(rec["finish_reason"] != "abort" for rec in recs)
     assert next(rec for rec in recs if rec["id"] == "multi")["usage"]["completion_tokens"] == 3 * 5
     assert "rewritten with one record per id (1 superseded" in r.stderr
+
+
+def test_resume_into_a_text_output_is_one_clear_error(tmp_path, base_args):
+    src = tmp_path / "in.txt"
+    src.write_text("hi\n")
+    out = tmp_path / "out.txt"
+    out.write_text("some generated text\n\n")
+    r = _run([str(src), "-o", str(out), "--resume", *base_args])
+    assert r.exit_code == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {out} line 1: not a cbgen or OpenAI output record (no 'id' / "
+                                             "'custom_id'); refusing to resume into it"]
+    assert out.read_text() == "some generated text\n\n"

@@ -11,6 +11,7 @@ is binary: text inputs never hold one.
 from __future__ import annotations
 
 import codecs
+import re
 from typing import NamedTuple
 
 # BOM -> codec, longest first where one BOM is a prefix of another.
@@ -21,6 +22,7 @@ NAMES = {"utf-8": "UTF-8", "utf-16-le": "UTF-16 LE", "utf-16-be": "UTF-16 BE",
          "utf-32-le": "UTF-32 LE", "utf-32-be": "UTF-32 BE"}
 HEAD_BYTES = 1 << 16  # what is sniffed for NUL bytes before the first line is handed out
 ESCAPE = "cbgen.escape"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _escape(e: UnicodeError) -> tuple[str, int]:
@@ -84,6 +86,8 @@ def char_bytes(c: str, encoding: str) -> int:
 def byte_length(text: str, encoding: str) -> int:
     """Bytes that ``text`` (decoded with ``ESCAPE``) took in the source."""
     if encoding == "utf-8":
+        if text.isascii():  # the common case, without an encode
+            return len(text)
         return len(text.encode("utf-8", "surrogateescape"))  # escapes of UTF-8 are U+DC80..U+DCFF
     try:
         return len(text.encode(encoding))
@@ -93,11 +97,10 @@ def byte_length(text: str, encoding: str) -> int:
 
 def first_bad_char(text: str) -> int | None:
     """Index of the first escaped bad byte (a lone surrogate) in ``text``."""
-    try:
-        text.encode("utf-8")
+    if text.isascii():
         return None
-    except UnicodeEncodeError as e:
-        return e.start
+    m = _SURROGATE.search(text)
+    return None if m is None else m.start()
 
 
 def invalid_message(text: str, encoding: str, file_offset: int | None = None) -> str | None:

@@ -78,12 +78,19 @@ def _lines(name: str, f: BinaryIO) -> Iterator[Line]:
         yield Line(name, 1, "", _binary(name, s.binary_at))
         return
     dec = codecs.getincrementaldecoder(s.encoding)(errors=ESCAPE)
-    pending, n, pos = "", 0, s.bom   # pos: file offset of the current line's first byte
+    newline = len("\n".encode(s.encoding))
+    parts: list[str] = []            # the current line so far (a list: a long line spans many chunks)
+    n, pos = 0, s.bom                # pos: file offset of the current line's first byte
     for chunk in itertools.chain([head[s.bom:]], chunks, [None]):
-        pending += dec.decode(b"" if chunk is None else chunk, final=chunk is None)
-        *done, pending = pending.split("\n")
-        if chunk is None and pending:
-            done.append(pending)  # a last line without a terminator
+        new = dec.decode(b"" if chunk is None else chunk, final=chunk is None)
+        done: list[str] = []
+        if "\n" in new:
+            first, *middle, rest = new.split("\n")
+            done, parts = ["".join(parts) + first, *middle], [rest]
+        else:
+            parts.append(new)
+        if chunk is None and (last := "".join(parts)):
+            done.append(last)        # a last line without a terminator
         for text in done:
             n += 1
             if "\0" in text:
@@ -92,7 +99,7 @@ def _lines(name: str, f: BinaryIO) -> Iterator[Line]:
                                         "its remaining lines are skipped")
                 return
             yield Line(name, n, text.rstrip("\r"), invalid_message(text, s.encoding, pos))
-            pos += byte_length(text + "\n", s.encoding)  # past the last line it no longer matters
+            pos += byte_length(text, s.encoding) + newline  # past the last line it no longer matters
 
 
 def iter_lines(sources: list[str], stdin: BinaryIO | None = None) -> Iterator[Line]:

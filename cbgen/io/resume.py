@@ -33,7 +33,7 @@ class ResumeState(NamedTuple):
     done_ids: set[str]      # ids with a final record
     num_records: int        # complete records found (a repeated id counts each time)
     truncated_bytes: int    # size of the half-written tail that was cut off
-    superseded: int = 0     # records ``compact`` would drop: aborts, repeats (0: no rewrite needed)
+    superseded: int = 0     # aborts and repeated ids, which a rerun may supersede (0: no rewrite needed)
 
 
 class _Entry(NamedTuple):
