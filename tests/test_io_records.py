@@ -185,7 +185,8 @@ def test_an_explicit_id_that_is_another_lines_default_is_refused_in_either_order
     assert lp('{"id": "b.txt:09", "prompt": "x"}', 12, "b.txt").id == "b.txt:09"  # never a default id
 
 
-@pytest.mark.parametrize("prefix", ["\ufeff", "\u200b", "\u00a0", "\u2060", " \ufeff\u200d\t"])
+@pytest.mark.parametrize("prefix", ["\ufeff", "\u200b", "\u00a0", "\u2060", " \ufeff\u200d\t", "\ufffe", "\u00ad",
+                                    "\u3000"])
 def test_invisible_characters_before_json_do_not_make_it_text(prefix):
     r = p(prefix + '{"id": "j", "prompt": "Once"}')
     assert isinstance(r, InputRecord) and (r.kind, r.id, r.prompt) == ("prompt", "j", "Once")
@@ -194,6 +195,11 @@ def test_invisible_characters_before_json_do_not_make_it_text(prefix):
     text = p(prefix + "Hello")  # a text line keeps its whitespace, not the invisible characters
     assert text.messages[-1]["content"] == "".join(c for c in prefix if c.isspace()) + "Hello"  # NBSP stays
     assert p(prefix) is None  # nothing but invisible characters: a blank line
+
+
+def test_bidi_marks_before_json_are_skipped_but_a_text_prompt_keeps_them():
+    assert p('\u200f{"id": "j", "prompt": "x"}').kind == "prompt"
+    assert p("\u200fשלום").messages[-1]["content"] == "\u200fשלום"
 
 
 def test_a_bom_starting_json_inside_a_text_line_is_an_error():

@@ -195,7 +195,8 @@ class BatchRun:
                     if r is not None:
                         writer.write(r)
         if done is not None and done.superseded:  # the stream is closed: leave one record per id
-            dropped = compact(opts.output)
+            with _Signals():  # Ctrl-C / SIGTERM wait for the rewrite (atomic anyway: SIGKILL loses nothing)
+                dropped = compact(opts.output)
             self.err.print(f"resume: {opts.output} rewritten with one record per id "
                            f"({dropped} superseded partial or repeated records dropped)", highlight=False)
         if self.not_started:

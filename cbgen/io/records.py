@@ -51,10 +51,14 @@ CBGEN_KEYS = {"id", "prompt", "messages", "metadata"}
 ROLES = ("system", "user", "assistant")
 OPENAI_URLS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
 DEFAULT_SOURCE = "input"          # the source name when a caller names none
-# Format characters nobody means to start a prompt with: BOM / zero-width no-break space,
-# zero-width space, non-joiner and joiner, word joiner, Mongolian vowel separator.
-INVISIBLE = "\ufeff\u200b\u200c\u200d\u2060\u180e"
-_LEADING = re.compile(f"[\\s{INVISIBLE}]*")
+# Format characters nobody means to start a prompt with, dropped from the start of a line:
+# BOM / zero-width no-break space, its byte-swapped form, zero-width space, non-joiner and
+# joiner, word joiner, invisible operators, Mongolian vowel separator, soft hyphen.
+INVISIBLE = "\ufeff\ufffe\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064\u180e\u00ad"
+# Bidirectional marks and embeddings: skipped to see whether a line is JSON, but a text
+# prompt keeps them (right-to-left text may start with one).
+BIDI = "\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u061c"
+_LEADING = re.compile(f"[\\s{INVISIBLE}{BIDI}]*")
 # SamplingParams' ValueError format (config._check): "<name>=<repr> is invalid: expected <allowed>".
 _SP_ERROR = re.compile(r"(?P<name>\w+)=(?P<got>.*) is invalid: expected (?P<expected>.*)", re.S)
 
@@ -256,7 +260,7 @@ def parse_line(line: str, line_no: int, defaults: SamplingParams, *, system: str
         if not body:
             return None
         if not body.startswith("{"):
-            joined = re.search(f"\ufeff[\\s{INVISIBLE}]*{{", body)
+            joined = re.search(f"\ufeff[\\s{INVISIBLE}{BIDI}]*{{", body)
             if joined:  # "text\ufeff{...}": a JSON line glued to the end of a file without a final newline
                 raise _Bad("encoding", f"a byte-order mark at character {len(lead) + joined.start() + 1} starts "
                                        "a JSON object inside a text line (files joined without a newline?)")
