@@ -144,9 +144,13 @@ def run(
         fail(f"--order {order!r}: expected finish or input")
     if resume and not output:
         fail("--resume needs --output FILE")
+    from .io.reader import binary_reason
+    from .io.tables import table_kind
     for path in inputs:
         if path != "-" and not os.path.isfile(path) and not os.path.isdir(path):
             fail(f"input {path!r}: no such file")
+        if path != "-" and table_kind(path) is None and os.path.isfile(path) and (why := binary_reason(path)):
+            fail(why)
     try:
         tables = plan_tables(inputs, fmt=fmt, template=template, template_format=template_format,
                              prompt_column=prompt_column, messages_column=messages_column, id_column=id_column,

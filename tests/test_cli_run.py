@@ -50,11 +50,11 @@ def test_every_input_format(tmp_path, base_args):
     r = _run([src, "--max-new-tokens", "6", *base_args])
     assert r.exit_code == 0, r.stderr
     recs = {rec["id"]: rec for rec in _records(r.stdout)}
-    assert set(recs) == {"1", "p1", "m1", "o1"}
+    assert set(recs) == {"mixed.jsonl:1", "p1", "m1", "o1"}
     assert recs["p1"]["usage"]["completion_tokens"] <= 5
     assert recs["o1"]["usage"]["completion_tokens"] <= 4
     assert recs["m1"]["params"]["temperature"] == 0.8 and recs["m1"]["params"]["seed"] == 3
-    assert recs["1"]["params"]["max_new_tokens"] == 6
+    assert recs["mixed.jsonl:1"]["params"]["max_new_tokens"] == 6
     for rec in recs.values():
         assert rec["finish_reason"] in ("stop", "length") and rec["error"] is None
         assert set(rec["timings"]) >= {"queue_s", "ttft_s", "total_s", "tokens_per_s"}
@@ -107,8 +107,8 @@ def test_bad_input_becomes_error_records_and_others_complete(tmp_path, base_args
     for rid in ("good1", "good2"):
         assert recs[rid]["finish_reason"] in ("stop", "length")
     errors = {rid: recs[rid]["error"] for rid in recs if recs[rid]["finish_reason"] == "error"}
-    assert set(errors) == {"2", "noprompt", "wrongtype", "toolong", "badparam"}
-    assert "line 2" in errors["2"] and "JSON" in errors["2"]
+    assert set(errors) == {"bad.jsonl:2", "noprompt", "wrongtype", "toolong", "badparam"}
+    assert "line 2" in errors["bad.jsonl:2"] and "JSON" in errors["bad.jsonl:2"]
     assert "line 3" in errors["noprompt"] and "prompt" in errors["noprompt"]
     assert "line 4" in errors["wrongtype"] and "'prompt'" in errors["wrongtype"]
     assert "line 5" in errors["toolong"] and "context length" in errors["toolong"]

@@ -64,11 +64,28 @@ def test_special_tokens_are_skipped(tok):
     assert "".join(deltas) == "Hi there"
 
 
-def test_dangling_bytes_are_flushed_at_finish(tok):
-    ids = tok.encode("ok 🎉")[:-1]           # the emoji's last byte is missing
+@pytest.mark.parametrize("text", ["ok 🎉", "naïve 日本", "é", "x 🎉🚀"])
+def test_a_character_cut_short_at_the_end_is_dropped_not_replaced(tok, text):
+    full = tok.encode(text)
+    for cut in range(1, len(full)):
+        ids = full[:cut]                     # max_new_tokens may stop after any of these tokens
+        lossy = decode(tok, ids)
+        d = Detokenizer(tok)
+        deltas, _ = stream(d, ids)
+        assert not d.text.endswith("\ufffd") and "".join(deltas) == d.text
+        assert d.text == lossy.removesuffix("\ufffd") and text.startswith(d.text)
+        assert d.token_ids == ids            # every token is kept (usage counts them)
+
+
+def test_invalid_bytes_before_the_cut_stay_replaced(tok):
+    # A lone continuation byte (invalid, never completed) then a cut-short character: only
+    # the incomplete tail goes.
+    cont = next(i for i in range(tok.vocab_size) if decode(tok, [i]) == "\ufffd"
+                and decode(tok, [i] + tok.encode("a")) == "\ufffda")
+    ids = tok.encode("a") + [cont] + tok.encode("b 🎉")[:-1]
     d = Detokenizer(tok)
-    deltas, _ = stream(d, ids)
-    assert "".join(deltas) == decode(tok, ids) and d.text.endswith("\ufffd")
+    stream(d, ids)
+    assert d.text == "a\ufffdb "
 
 
 def test_stop_string_across_tokens_is_cut_and_held_back(tok):
@@ -141,3 +158,24 @@ def test_real_model_tokenizer_streams_multibyte_text(embedded_model):
     assert not any("\ufffd" in d for d in deltas)
     deltas, stop = stream(Detokenizer(tok, stop=("タワ",)), ids)
     assert stop == "タワ" and "".join(deltas) == "Grüße aus Köln — 東京"
+
+
+def test_engine_outputs_cut_by_max_new_tokens_never_end_in_a_replacement_char(sharp):
+    # Sampled tokens of the sharpened tiny model are often single bytes of multi-byte
+    # characters, so some generations stop inside one (checked below, so the test bites).
+    from cbgen.config import EngineConfig, SamplingParams
+    from cbgen.engine.engine import Engine
+
+    tok = sharp.tokenizer
+    eng = Engine.from_loaded(sharp, EngineConfig(max_num_seqs=32))
+    prompt = tok.encode(MULTIBYTE)
+    params = [SamplingParams(max_new_tokens=n, min_new_tokens=n, temperature=1.0, seed=s)
+              for s in range(12) for n in (3, 7)]
+    outs = eng.generate([prompt] * len(params), params)
+    cut = 0
+    for o, p in zip(outs, params):
+        lossy = decode(tok, o.token_ids)
+        cut += lossy.endswith("\ufffd")
+        assert len(o.token_ids) == o.metrics.num_generated_tokens == p.max_new_tokens  # usage counts them all
+        assert o.text == lossy.removesuffix("\ufffd") and not o.text.endswith("\ufffd")
+    assert cut, "no generation stopped inside a character; the test needs one"

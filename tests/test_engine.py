@@ -309,7 +309,7 @@ def test_stop_string_across_token_boundary(sharp, tok):
     n = 24
     base = engine(sharp).generate([p], greedy(n))[0]
     text = base.text
-    assert text == tok.decode(base.token_ids)
+    assert text == tok.decode(base.token_ids).removesuffix("\ufffd")
     # A stop string made of the end of token k and the start of token k+1.
     for k in range(2, n - 2):
         left, right = tok.decode(base.token_ids[:k + 1]), tok.decode(base.token_ids[k + 1:k + 2])
@@ -384,4 +384,5 @@ def test_greedy_matches_hf_generate_with_requests_joining_and_leaving(sharp, tok
     assert max(len(s) for s in log) == 4
     for i, (o, e) in enumerate(zip(outs, expected)):
         assert o.token_ids == e, f"prompt {i}"
-        assert o.text == tok.decode(e, skip_special_tokens=True)
+        # a character cut short by max_new_tokens is dropped, not shown as U+FFFD
+        assert o.text == tok.decode(e, skip_special_tokens=True).removesuffix("\ufffd")

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from cbgen.config import SamplingParams
-from cbgen.io.reader import Line, Prefetcher, iter_lines, read_records
+from cbgen.io.reader import Line, Prefetcher, iter_lines, read_records, source_names
 from cbgen.io.records import InputError, LineParser
 
 
@@ -18,16 +18,23 @@ def test_iter_lines_strips_terminators_and_bom_and_numbers_per_source(tmp_path):
     got = list(iter_lines([str(a), str(b)]))
     assert [(ln.line_no, ln.text) for ln in got] == [(1, "first"), (2, "second"), (3, ""),
                                                      (4, "last-no-newline"), (1, "x")]
-    assert got[-1].source == str(b)
+    assert got[-1].source == "b.txt"  # base names: ids do not change with the working directory
 
 
-def test_ids_are_line_numbers_for_one_source_and_prefixed_for_several(tmp_path):
+def test_default_ids_are_source_and_line_number(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("one\n\nthree\n")
     b.write_text("uno\n")
-    assert [r.id for r in read_records([str(a)], LineParser(SamplingParams()))] == ["1", "3"]
+    assert [r.id for r in read_records([str(a)], LineParser(SamplingParams()))] == ["a.txt:1", "a.txt:3"]
     ids = [r.id for r in read_records([str(a), str(b)], LineParser(SamplingParams()))]
-    assert ids == [f"{a}:1", f"{a}:3", f"{b}:1"]
+    assert ids == ["a.txt:1", "a.txt:3", "b.txt:1"]
+    # two inputs with one base name keep their paths apart
+    (tmp_path / "d").mkdir()
+    c = tmp_path / "d" / "a.txt"
+    c.write_text("dos\n")
+    assert source_names([str(a), str(c), "-"]) == [str(a), str(c), "stdin"]
+    ids = [r.id for r in read_records([str(a), str(c)], LineParser(SamplingParams()))]
+    assert ids == [f"{a}:1", f"{a}:3", f"{c}:1"]
 
 
 def test_invalid_utf8_becomes_an_error_record_and_reading_goes_on(tmp_path):
@@ -35,7 +42,7 @@ def test_invalid_utf8_becomes_an_error_record_and_reading_goes_on(tmp_path):
     f.write_bytes(b"fine\nbad \xc3\x28 here\nalso fine\n")
     recs = list(read_records([str(f)], LineParser(SamplingParams())))
     assert [type(r).__name__ for r in recs] == ["InputRecord", "InputError", "InputRecord"]
-    assert recs[1].message == "line 2: invalid UTF-8 at character 5"
+    assert recs[1].message == "bad.txt line 2: invalid UTF-8: byte 0xc3 at offset 4 in the line (9 in the file)"
 
 
 def test_stdin_pipe_lines_arrive_one_by_one():
@@ -101,7 +108,7 @@ def test_prefetcher_parses_a_large_file_lazily(tmp_path):
     pf = Prefetcher(counting(), maxsize=64)
     time.sleep(0.3)  # give the reader every chance to run ahead
     assert parsed <= 65 and pf.waiting <= 64
-    assert [r.id for r in pf.get_nowait_many(3)] == ["1", "2", "3"]
+    assert [r.id for r in pf.get_nowait_many(3)] == ["big.txt:1", "big.txt:2", "big.txt:3"]
     pf.close()
 
 

@@ -20,7 +20,7 @@ def p(obj, line_no=7, **kw):
 
 def test_plain_text_is_a_user_turn_and_keeps_the_line():
     r = p("  Hello, {name}!  \r\n", 3)
-    assert isinstance(r, InputRecord) and r.kind == "text" and r.id == "3" and r.line_no == 3
+    assert isinstance(r, InputRecord) and r.kind == "text" and r.id == "input:3" and r.line_no == 3
     assert r.messages == [{"role": "user", "content": "  Hello, {name}!  "}] and r.prompt is None
     assert r.params is D and r.raw_format == "cbgen"
 
@@ -119,42 +119,99 @@ def test_bad_input_is_an_error_naming_line_and_field(obj, field, expect):
 def test_error_keeps_the_lines_id_when_it_has_one():
     assert p({"id": "q1", "prompt": "x", "top_p": 0}).id == "q1"
     assert p({"custom_id": "c9", "body": 1}).id == "c9"
-    assert p("{bad").id == "7"
+    assert p("{bad").id == "input:7"
 
 
 def test_invalid_utf8_is_an_error_on_that_line():
     text = b"ok \xff\xfe bytes".decode("utf-8", "surrogateescape")
     r = parse_line(text, 2, D)
     assert isinstance(r, InputError) and r.field == "encoding"
-    assert r.message == "line 2: invalid UTF-8 at character 4"
+    assert r.message == "line 2: invalid UTF-8: byte 0xff at offset 3 in the line"
 
 
-def test_source_prefixes_default_ids_and_messages():
+def test_source_names_default_ids_and_messages():
     r = parse_line("hi", 4, D, source="a.txt")
     assert r.id == "a.txt:4"
     assert parse_line("{", 4, D, source="a.txt").message.startswith("a.txt line 4: invalid JSON")
 
 
-def test_duplicate_ids_later_one_is_an_error_with_a_unique_id():
+def test_duplicate_ids_later_one_is_an_error_naming_both_lines_with_its_default_id():
     lp = LineParser(D)
     a = lp('{"id": "x", "prompt": "1"}', 1)
     b = lp('{"id": "x", "prompt": "2"}', 2)
-    c = lp('{"id": "2", "prompt": "3"}', 3)   # takes the id the error on line 2 got
-    d = lp('{"id": "x", "prompt": "4"}', 4)
-    assert isinstance(a, InputRecord)
-    assert isinstance(b, InputError) and b.field == "id" and b.id == "2"
+    c = lp('{"id": 3, "prompt": "3"}', 3)
+    d = lp('{"custom_id": "3", "body": {"messages": [{"role": "user", "content": "q"}]}}', 4)  # "3" again
+    assert isinstance(a, InputRecord) and isinstance(c, InputRecord) and c.id == "3"
+    assert isinstance(b, InputError) and b.field == "id" and b.id == "input:2"
     assert b.message == "line 2: field 'id': duplicate id \"x\" (first on line 1)"
-    assert isinstance(c, InputError) and c.id == "3"
-    assert isinstance(d, InputError) and d.id == "4"
+    assert isinstance(d, InputError) and d.id == "input:4"
+    assert d.message == "line 4: field 'id': duplicate id \"3\" (first on line 3)"
     assert len({r.id for r in (a, b, c, d)}) == 4
 
 
 def test_line_parser_skips_resumed_ids_but_still_sees_them():
-    lp = LineParser(D, skip_ids={"x", "3"})
+    lp = LineParser(D, skip_ids={"x", "input:3"})
     assert lp('{"id": "x", "prompt": "1"}', 1) is None
-    assert lp("hi", 2).id == "2"
-    assert lp('{"id": "x", "prompt": "again"}', 3) is None  # duplicate error, already written as "3"
+    assert lp("hi", 2).id == "input:2"
+    assert lp('{"id": "x", "prompt": "again"}', 3) is None  # duplicate error, already written as "input:3"
     assert lp.skipped == 2
+
+
+def test_default_ids_never_collide_with_explicit_ones():
+    # An explicit "3" on line 1 and lines without ids: three distinct ids (cases/implicit-id-collision).
+    lp = LineParser(D, sources=["in.jsonl"])
+    got = [lp(line, n, "in.jsonl") for n, line in enumerate(
+        ['{"id": "3", "prompt": "Hello"}', '{"prompt": "Hi"}', "Tell me a joke."], start=1)]
+    assert all(isinstance(r, InputRecord) for r in got)
+    assert [r.id for r in got] == ["3", "in.jsonl:2", "in.jsonl:3"]
+
+
+@pytest.mark.parametrize("order", ["explicit first", "default first"])
+def test_an_explicit_id_that_is_another_lines_default_is_refused_in_either_order(order):
+    explicit, plain = '{"id": "b.txt:4", "prompt": "x"}', "no id here"
+    lines = {2: explicit, 4: plain} if order == "explicit first" else {2: plain, 4: '{"id": "b.txt:2", "prompt": "x"}'}
+    lp = LineParser(D, sources=["a.txt", "b.txt"])
+    got = {n: lp(line, n, "b.txt") for n, line in sorted(lines.items())}
+    bad = got[2] if order == "explicit first" else got[4]
+    good = got[4] if order == "explicit first" else got[2]
+    assert isinstance(good, InputRecord) and good.id == f"b.txt:{good.line_no}"
+    assert isinstance(bad, InputError) and bad.field == "id" and bad.id == f"b.txt:{bad.line_no}"
+    assert f"b.txt line {bad.line_no}: field 'id': " in bad.message
+    assert f"is the default id of b.txt line {good.line_no}" in bad.message
+    # its own default id, another source's, or a name that is no source are fine
+    assert lp('{"id": "b.txt:9", "prompt": "x"}', 9, "b.txt").id == "b.txt:9"
+    assert isinstance(lp('{"id": "a.txt:9", "prompt": "x"}', 10, "b.txt"), InputError)
+    assert lp('{"id": "c.txt:9", "prompt": "x"}', 11, "b.txt").id == "c.txt:9"
+    assert lp('{"id": "b.txt:09", "prompt": "x"}', 12, "b.txt").id == "b.txt:09"  # never a default id
+
+
+@pytest.mark.parametrize("prefix", ["\ufeff", "\u200b", "\u00a0", "\u2060", " \ufeff\u200d\t", "\ufffe", "\u00ad",
+                                    "\u3000"])
+def test_invisible_characters_before_json_do_not_make_it_text(prefix):
+    r = p(prefix + '{"id": "j", "prompt": "Once"}')
+    assert isinstance(r, InputRecord) and (r.kind, r.id, r.prompt) == ("prompt", "j", "Once")
+    bad = p(prefix + '{"id": "j", "prompt": }')
+    assert isinstance(bad, InputError) and bad.field == "json"
+    text = p(prefix + "Hello")  # a text line keeps its whitespace, not the invisible characters
+    assert text.messages[-1]["content"] == "".join(c for c in prefix if c.isspace()) + "Hello"  # NBSP stays
+    assert p(prefix) is None  # nothing but invisible characters: a blank line
+
+
+def test_bidi_marks_before_json_are_skipped_but_a_text_prompt_keeps_them():
+    assert p('\u200f{"id": "j", "prompt": "x"}').kind == "prompt"
+    assert p("\u200fשלום").messages[-1]["content"] == "\u200fשלום"
+
+
+def test_a_bom_starting_json_inside_a_text_line_is_an_error():
+    r = p('last line without newline\ufeff{"prompt": "x"}', 5)
+    assert isinstance(r, InputError) and r.field == "encoding"
+    assert r.message.startswith("line 5: a byte-order mark at character 26 starts a JSON object")
+
+
+def test_reader_problem_is_an_encoding_error():
+    r = parse_line("", 3, D, source="a.txt", problem="invalid UTF-16 LE: byte 0x00 at offset 6 in the line")
+    assert isinstance(r, InputError) and r.field == "encoding" and r.id == "a.txt:3"
+    assert r.message == "a.txt line 3: invalid UTF-16 LE: byte 0x00 at offset 6 in the line"
 
 
 @pytest.mark.parametrize("name, n, kinds", [

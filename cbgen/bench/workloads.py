@@ -47,7 +47,7 @@ def load_prompts(path: str | Path, tokenizer, limit: int | None = None) -> list[
     for line in iter_lines([str(path)]):
         if limit is not None and len(out) >= limit:
             break
-        rec = parse_line(line.text, line.line_no, SamplingParams(), source=str(path))
+        rec = parse_line(line.text, line.line_no, SamplingParams(), source=str(path), problem=line.problem)
         if isinstance(rec, InputError):
             raise ValueError(rec.message)
         if rec is None:

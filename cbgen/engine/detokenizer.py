@@ -4,6 +4,7 @@ Text is decoded from a sliding window of tokens (vLLM's prefix/read offsets),
 so each step costs O(window), not O(length). A delta is held back while it
 ends in an incomplete UTF-8 character, and while its tail could still be the
 start of a stop string, so streamed text never shows what the final text drops.
+A character cut short at the end of a generation is dropped, not shown as U+FFFD.
 """
 
 from __future__ import annotations
@@ -73,13 +74,22 @@ class Detokenizer:
         return out
 
     def finish_text(self) -> str | None:
-        """At a non-stop finish, flush what the window still holds (e.g. a dangling byte);
-        returns a stop string if the flushed text completes one (the text is cut there)."""
+        """At a non-stop finish, flush what the window still holds; returns a stop
+        string if the flushed text completes one (the text is cut there).
+
+        The window is held back only while its decode ends in U+FFFD, so what it
+        holds ends in one: the replacement for the bytes of a character the last
+        tokens left incomplete (``max_new_tokens`` or an abort cut it). That one
+        U+FFFD is dropped from the text; the tokens still count. A lossy UTF-8
+        decode (Python's, and HF tokenizers' ``from_utf8_lossy``) replaces an
+        incomplete but valid prefix by exactly one U+FFFD, so earlier ones
+        (bytes that were invalid, not cut short) stay.
+        """
         tail = self._decode(self.token_ids[self.prefix_offset:])
         prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
         if len(tail) > len(prefix):
             old_len = len(self.text)
-            self.text += tail[len(prefix):]
+            self.text += tail[len(prefix):].removesuffix("\ufffd")
             self.read_offset = len(self.token_ids)
             self.prefix_offset = self.read_offset
             return self._find_stop(old_len)

@@ -23,9 +23,9 @@ from rich.live import Live
 from ..config import SamplingParams
 from ..engine.engine import Engine
 from ..engine.outputs import FinishReason, RequestOutput
-from ..io.reader import Prefetcher
+from ..io.reader import Prefetcher, source_names
 from ..io.records import InputError, InputRecord, LineParser
-from ..io.resume import load_done_ids
+from ..io.resume import ResumeError, compact, load_done_ids
 from ..io.table_rows import read_inputs
 from ..io.writer import OutputClosed, ReorderBuffer, Writer, error_result, make_writer, result_from_outputs
 from .driver import Driver, EngineFailed
@@ -113,12 +113,18 @@ class BatchRun:
         table_out = opts.tables.layout if opts.tables is not None else None
         if table_out is not None:  # pyarrow only for table outputs (start-up time)
             from ..io.table_output import TableOutput, load_table_done_ids
-        done = (load_table_done_ids(opts.output) if table_out and opts.resume else
-                load_done_ids(opts.output) if opts.resume and opts.output and os.path.exists(opts.output) else None)
+        try:
+            done = (load_table_done_ids(opts.output) if table_out and opts.resume else
+                    load_done_ids(opts.output) if opts.resume and opts.output and os.path.exists(opts.output)
+                    else None)
+        except ResumeError as e:
+            self.err.print(f"error: {e}", highlight=False, soft_wrap=True)
+            return 2
         if done is not None and done.done_ids:
             self.err.print(f"resume: {len(done.done_ids)} ids already in {opts.output}, skipping them",
                            highlight=False)
-        parser = LineParser(opts.defaults, system=opts.system, skip_ids=done.done_ids if done else ())
+        parser = LineParser(opts.defaults, system=opts.system, skip_ids=done.done_ids if done else (),
+                            sources=source_names(opts.inputs))
         prefetch = Prefetcher(read_inputs(opts.inputs, parser, opts.tables and opts.tables.spec),
                               maxsize=opts.read_ahead)
         out_cm = (TableOutput(opts.output, opts.fmt, table_out, opts.inputs, resume=opts.resume,
@@ -176,6 +182,11 @@ class BatchRun:
                     if r is not None:
                         writer.write(r)
             writer.close(complete=input_done and not read_failed and not sig.stop_admitting)
+        if table_out is None and done is not None and done.superseded:  # closed: leave one record per id
+            with StopSignals():  # Ctrl-C / SIGTERM wait for the rewrite (atomic anyway: SIGKILL loses nothing)
+                dropped = compact(opts.output)
+            self.err.print(f"resume: {opts.output} rewritten with one record per id "
+                           f"({dropped} superseded partial or repeated records dropped)", highlight=False)
         if self.not_started:
             self.err.print(f"{self.not_started} inputs never started; no record was written for them "
                            "(run again with --resume to do them)", highlight=False)
@@ -201,16 +212,18 @@ class BatchRun:
             if not ev.finished:
                 continue
             p = self.pending[ev.request_id]
-            if ev.finish_reason is FinishReason.ABORT and ev.metrics.first_scheduled_time is None:
-                # Never started: no record, so `--resume` runs it later.
+            p.outputs.append(ev)
+            if len(p.outputs) < ev.num_samples:
+                continue
+            del self.pending[ev.request_id]
+            # Never started (every sample aborted before its first step): no record, so
+            # `--resume` runs it later. One started sample is enough for a partial record.
+            if all(o.finish_reason is FinishReason.ABORT and o.metrics.first_scheduled_time is None
+                   for o in p.outputs):
                 self.not_started += 1
-                del self.pending[ev.request_id]
                 if self.reorder is not None and p.ticket is not None:
                     for r in self.reorder.push(p.ticket, None):
                         if r is not None:
                             writer.write(r)
                 continue
-            p.outputs.append(ev)
-            if len(p.outputs) == ev.num_samples:
-                del self.pending[ev.request_id]
-                self._emit(writer, result_from_outputs(p.record, p.outputs, self.opts.model_name), p.ticket, view)
+            self._emit(writer, result_from_outputs(p.record, p.outputs, self.opts.model_name), p.ticket, view)

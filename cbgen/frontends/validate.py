@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from ..config import SamplingParams
+from ..io.reader import source_names
 from ..io.records import InputError, LineParser
 from ..io.table_rows import TableSpec, read_inputs
 from .prompting import PromptError, encode
@@ -15,7 +16,7 @@ def validate_inputs(inputs: list[str], loaded, defaults: SamplingParams, system:
     """Prints one line per problem and a summary to ``err``; returns the exit code (1 if any problem)."""
     ok = bad = 0
     max_len = loaded.max_model_len
-    for item in read_inputs(inputs, LineParser(defaults, system=system), spec):
+    for item in read_inputs(inputs, LineParser(defaults, system=system, sources=source_names(inputs)), spec):
         if isinstance(item, InputError):
             problem = item.message
         else:

@@ -1,38 +1,105 @@
 """Lazy line reading from files and stdin, and a bounded background prefetcher.
 
-Nothing here reads a whole input: lines are pulled one at a time, so memory is
-bounded by the ``Prefetcher`` queue, not by the input size.
+Nothing here reads a whole input: bytes are pulled a chunk (64 KiB) at a time
+and lines handed out as they complete, so memory is bounded by the
+``Prefetcher`` queue, not by the input size. Each source is decoded in the
+encoding its first bytes show (UTF-8, or UTF-16/32 by BOM or NUL pattern; see
+``encoding``); a line whose bytes do not decode carries a ``problem`` naming
+the byte offset, and a binary source is refused, never read line by line.
 """
 
 from __future__ import annotations
 
+import codecs
+import itertools
+import os
 import queue
 import sys
 import threading
 from typing import BinaryIO, Generic, Iterable, Iterator, NamedTuple, TypeVar
 
+from cbgen.io.encoding import ESCAPE, HEAD_BYTES, byte_length, invalid_message, needs_more, sniff
 from cbgen.io.records import InputError, InputRecord, LineParser
 
 T = TypeVar("T")
 
 
 class Line(NamedTuple):
-    source: str      # the path as given; "stdin" for "-"
+    source: str      # the source's name (``source_names``): base name, or the path; "stdin" for "-"
     line_no: int     # 1-based within its source (numbering restarts per source)
-    text: str        # without the line terminator; invalid UTF-8 bytes kept as lone surrogates
+    text: str        # without the line terminator; undecodable bytes kept as lone surrogates
+    problem: str | None = None  # why these bytes are not usable text (bad encoding, binary); None if fine
+
+
+def source_names(sources: list[str]) -> list[str]:
+    """The names ``sources`` have in default ids and messages: a file's base name
+    (``data/in.jsonl`` -> ``in.jsonl``, so ids do not change with the working
+    directory), or the path as given when two inputs share a base name;
+    ``stdin`` for ``-``."""
+    base = ["stdin" if s == "-" else os.path.basename(s) for s in sources]
+    return [b if base.count(b) == 1 or s == "-" else s for s, b in zip(sources, base)]
+
+
+def _binary(name: str, offset: int) -> str:
+    return (f"{name} looks binary (a NUL byte at offset {offset}); refusing to read it: "
+            "expected text, JSONL or one prompt per line")
+
+
+def binary_reason(path: str) -> str | None:
+    """Why the file ``path`` is refused as binary (a NUL byte in its first 64 KiB,
+    outside UTF-16/32 text), or None. Lets the CLI refuse it before loading a model."""
+    with open(path, "rb") as f:
+        s = sniff(f.read(HEAD_BYTES))
+    return None if s.binary_at is None else _binary(path, s.binary_at)
+
+
+def _chunks(f: BinaryIO) -> Iterator[bytes]:
+    # read1, not read: on a pipe it returns what has arrived, so a line is handed
+    # out as soon as its newline is in, without waiting for a full chunk or EOF.
+    read = getattr(f, "read1", None) or f.read
+    while chunk := read(HEAD_BYTES):
+        yield chunk.encode("utf-8", "surrogateescape") if isinstance(chunk, str) else chunk
 
 
 def _lines(name: str, f: BinaryIO) -> Iterator[Line]:
-    # readline, not block iteration: on a pipe it returns as soon as one line has arrived.
-    n = 0
-    while raw := f.readline():
-        n += 1
-        # surrogateescape: a bad byte becomes a lone surrogate that parse_line reports
-        # as an error on this line, instead of a crash of the whole run.
-        text = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
-        if n == 1:
-            text = text.removeprefix("\ufeff")  # UTF-8 BOM from some editors
-        yield Line(name, n, text.rstrip("\r\n"))
+    """Lines of one source, decoded in the encoding its first bytes show (``encoding.sniff``).
+
+    A NUL byte in the sniffed head refuses the whole source with one ``problem``
+    line; one found later (U+0000 after decoding) refuses the rest from that line.
+    """
+    chunks = _chunks(f)
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if not needs_more(head):
+            break
+    s = sniff(head)
+    if s.binary_at is not None:
+        yield Line(name, 1, "", _binary(name, s.binary_at))
+        return
+    dec = codecs.getincrementaldecoder(s.encoding)(errors=ESCAPE)
+    newline = len("\n".encode(s.encoding))
+    parts: list[str] = []            # the current line so far (a list: a long line spans many chunks)
+    n, pos = 0, s.bom                # pos: file offset of the current line's first byte
+    for chunk in itertools.chain([head[s.bom:]], chunks, [None]):
+        new = dec.decode(b"" if chunk is None else chunk, final=chunk is None)
+        done: list[str] = []
+        if "\n" in new:
+            first, *middle, rest = new.split("\n")
+            done, parts = ["".join(parts) + first, *middle], [rest]
+        else:
+            parts.append(new)
+        if chunk is None and (last := "".join(parts)):
+            done.append(last)        # a last line without a terminator
+        for text in done:
+            n += 1
+            if "\0" in text:
+                at = pos + byte_length(text[:text.index("\0")], s.encoding)
+                yield Line(name, n, "", f"NUL byte at offset {at} in the file: {name} looks binary from here on; "
+                                        "its remaining lines are skipped")
+                return
+            yield Line(name, n, text.rstrip("\r"), invalid_message(text, s.encoding, pos))
+            pos += byte_length(text, s.encoding) + newline  # past the last line it no longer matters
 
 
 def iter_lines(sources: list[str], stdin: BinaryIO | None = None) -> Iterator[Line]:
@@ -41,23 +108,27 @@ def iter_lines(sources: list[str], stdin: BinaryIO | None = None) -> Iterator[Li
     Files are opened only when reached; an ``OSError`` (missing file) is raised
     from the iteration at that point.
     """
-    for src in sources:
-        if src == "-":
-            yield from _lines("stdin", stdin or getattr(sys.stdin, "buffer", sys.stdin))
-        else:
-            with open(src, "rb") as f:
-                yield from _lines(src, f)
+    for src, name in zip(sources, source_names(sources)):
+        yield from source_lines(src, name, stdin)
+
+
+def source_lines(src: str, name: str, stdin: BinaryIO | None = None) -> Iterator[Line]:
+    """Lines of the one source ``src`` (``-``: stdin), named ``name`` in ids and messages."""
+    if src == "-":
+        yield from _lines(name, stdin or getattr(sys.stdin, "buffer", sys.stdin))
+    else:
+        with open(src, "rb") as f:
+            yield from _lines(name, f)
 
 
 def read_records(sources: list[str], parser: LineParser,
                  stdin: BinaryIO | None = None) -> Iterator[InputRecord | InputError]:
     """Parsed records of ``sources`` in input order (blank and resumed lines dropped).
 
-    Default ids are ``"<line_no>"`` for one source, ``"<source>:<line_no>"`` for several.
+    Default ids are ``"<source>:<line_no>"`` (see ``records``).
     """
-    multi = len(sources) > 1
     for ln in iter_lines(sources, stdin):
-        r = parser(ln.text, ln.line_no, ln.source if multi else None)
+        r = parser(ln.text, ln.line_no, ln.source, problem=ln.problem)
         if r is not None:
             yield r
 

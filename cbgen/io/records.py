@@ -13,6 +13,8 @@ Formats, detected per line (a file may mix them):
   or ``/v1/completions`` (``body.prompt``).
 
 A line starting with ``{`` is always JSON: invalid JSON is an error, not text.
+Invisible characters before it (a BOM left mid-file by ``cat a b``, zero-width
+spaces, NBSP) do not change that: they are dropped from the start of every line.
 
 Sampling fields override the defaults per line: any ``SamplingParams`` field
 name, plus ``max_tokens`` / ``max_completion_tokens`` for ``max_new_tokens``;
@@ -22,9 +24,13 @@ format ``id``, ``prompt``, ``messages`` and ``metadata`` are structural; any
 other key is ignored (datasets carry extra columns) unless it looks like a typo
 of a sampling field (``temprature``), which is an error.
 
-The id is ``id`` / ``custom_id`` as a string, else the line number (``"7"``,
-or ``"a.jsonl:7"`` when several inputs are read). ``LineParser`` adds what
-needs state: duplicate ids and resume skipping.
+The id is ``id`` / ``custom_id`` as a string (an integer id ``7`` is ``"7"``),
+else the default id ``"<source>:<line_no>"`` (``"prompts.jsonl:7"``,
+``"stdin:7"``; ``"input:7"`` when no source is named). Default ids are
+reserved: ``LineParser`` refuses an explicit id that is the default id of
+another line of the run's sources, whichever comes first, so a default id can
+never collide with an explicit one. It also reports duplicate ids and skips
+resumed ones.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Collection
 
 from cbgen.config import SamplingParams
+from cbgen.io.encoding import invalid_message
 from cbgen.io.logprob_fields import LogprobFieldError, resolve_logprobs
 
 ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
@@ -44,6 +51,15 @@ KNOWN_SAMPLING = FIELDS | ALIASES.keys() | {"top_logprobs"}
 CBGEN_KEYS = {"id", "prompt", "messages", "metadata"}
 ROLES = ("system", "user", "assistant")
 OPENAI_URLS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
+DEFAULT_SOURCE = "input"          # the source name when a caller names none
+# Format characters nobody means to start a prompt with, dropped from the start of a line:
+# BOM / zero-width no-break space, its byte-swapped form, zero-width space, non-joiner and
+# joiner, word joiner, invisible operators, Mongolian vowel separator, soft hyphen.
+INVISIBLE = "\ufeff\ufffe\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064\u180e\u00ad"
+# Bidirectional marks and embeddings: skipped to see whether a line is JSON, but a text
+# prompt keeps them (right-to-left text may start with one).
+BIDI = "\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u061c"
+_LEADING = re.compile(f"[\\s{INVISIBLE}{BIDI}]*")
 # SamplingParams' ValueError format (config._check): "<name>=<repr> is invalid: expected <allowed>".
 _SP_ERROR = re.compile(r"(?P<name>\w+)=(?P<got>.*) is invalid: expected (?P<expected>.*)", re.S)
 
@@ -215,28 +231,54 @@ def _openai(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system:
     return InputRecord(rid, line_no, "openai", prompt, messages, _params(defaults, body, "body.", api), "openai", extra)
 
 
+def default_id(source: str | None, line_no: int) -> str:
+    """The id of a line that names none: ``"<source>:<line_no>"``."""
+    return f"{source or DEFAULT_SOURCE}:{line_no}"
+
+
+def _location(source: str | None, line_no: int, unit: str = "line") -> str:
+    return f"{unit} {line_no}" if source is None else f"{source} {unit} {line_no}"
+
+
+def _split_lead(line: str) -> tuple[str, str]:
+    """(the leading whitespace with invisible characters removed, the rest of ``line``)."""
+    lead = _LEADING.match(line).group()
+    return "".join(c for c in lead if c not in INVISIBLE), line[len(lead):]
+
+
 def parse_line(line: str, line_no: int, defaults: SamplingParams, *, system: str | None = None,
-               source: str | None = None) -> InputRecord | InputError | None:
+               source: str | None = None, problem: str | None = None) -> InputRecord | InputError | None:
     """Parse one line (terminator optional). Never raises for bad input: returns ``InputError``.
 
-    ``None`` for a blank line. ``source`` names the input when several are read:
-    it prefixes default ids (``"a.jsonl:7"``) and messages (``a.jsonl line 7``).
-    Invalid UTF-8 arrives as lone surrogates (``surrogateescape``) and is an
-    ``InputError`` with field ``encoding``.
+    ``None`` for a blank line. ``source`` names the input: it forms default ids
+    (``"a.jsonl:7"``) and prefixes messages (``a.jsonl line 7``). ``problem``
+    is the reader's verdict on the line's bytes (undecodable, binary): then the
+    line is an ``InputError`` with field ``encoding``. Undecodable bytes that
+    arrive as lone surrogates (``surrogateescape``) are one too.
     """
-    loc = f"line {line_no}" if source is None else f"{source} line {line_no}"
-    rid = str(line_no) if source is None else f"{source}:{line_no}"
+    loc = _location(source, line_no)
+    rid = default_id(source, line_no)
     try:
-        line = _text(line, "encoding").rstrip("\r\n")
-        if not line.strip():
+        if problem is not None:
+            raise _Bad("encoding", problem)
+        line = line.rstrip("\r\n")
+        bad = invalid_message(line, "utf-8")
+        if bad is not None:
+            raise _Bad("encoding", bad)
+        lead, body = _split_lead(line)
+        if not body:
             return None
-        if not line.lstrip().startswith("{"):
-            return InputRecord(rid, line_no, "text", None, _with_system([{"role": "user", "content": line}], system),
-                               defaults, "cbgen")
+        if not body.startswith("{"):
+            joined = re.search(f"\ufeff[\\s{INVISIBLE}{BIDI}]*{{", body)
+            if joined:  # "text\ufeff{...}": a JSON line glued to the end of a file without a final newline
+                raise _Bad("encoding", f"a byte-order mark at character {len(lead) + joined.start() + 1} starts "
+                                       "a JSON object inside a text line (files joined without a newline?)")
+            return InputRecord(rid, line_no, "text", None,
+                               _with_system([{"role": "user", "content": lead + body}], system), defaults, "cbgen")
         try:
-            obj = json.loads(line)  # starts with "{", so a successful parse is a dict
+            obj = json.loads(body)  # starts with "{", so a successful parse is a dict
         except json.JSONDecodeError as e:
-            raise _Bad("json", f"invalid JSON: {e.msg} at column {e.colno}") from None
+            raise _Bad("json", f"invalid JSON: {e.msg} at column {len(line) - len(body) + e.colno}") from None
         except (ValueError, RecursionError) as e:  # a 5000-digit number, nesting too deep
             raise _Bad("json", f"invalid JSON: {e}") from None
         key = "custom_id" if "custom_id" in obj else "id" if "id" in obj else None
@@ -253,33 +295,54 @@ def parse_line(line: str, line_no: int, defaults: SamplingParams, *, system: str
 class LineParser:
     """``parse_line`` plus state across one run's inputs.
 
-    Ids are unique in the output: a repeated id is an ``InputError`` (field
-    ``id``) whose own id is the line's default id, made unique if needed, so it
-    never shadows the first record's id (resume is by id). Records and errors
-    whose id is in ``skip_ids`` (already in the output) are counted in
-    ``skipped`` and dropped; they still count as seen for duplicates.
+    ``sources`` names every input of the run (``reader.source_names``). An
+    explicit id equal to ``"<source>:<n>"`` for one of them, other than the
+    line's own default id, is an ``InputError`` (field ``id``): defaults are
+    reserved, so no explicit id can take one before or after its line is read.
+    Ids are unique in the output: a repeated id is an ``InputError`` naming
+    both lines, whose own id is the line's default id (made unique if the
+    same source is read twice), so it never shadows the first record's id
+    (resume is by id). Records and errors whose id is in ``skip_ids``
+    (already in the output) are counted in ``skipped`` and dropped; they
+    still count as seen for duplicates.
     """
 
     def __init__(self, defaults: SamplingParams, *, system: str | None = None,
-                 skip_ids: Collection[str] = ()) -> None:
+                 skip_ids: Collection[str] = (), sources: Collection[str] = ()) -> None:
         self.defaults, self.system, self.skip_ids = defaults, system, skip_ids
+        self.sources = set(sources)
         self.seen: dict[str, str] = {}  # id -> where it was first seen
         self.skipped = 0
 
-    def __call__(self, line: str, line_no: int, source: str | None = None) -> InputRecord | InputError | None:
-        r = parse_line(line, line_no, self.defaults, system=self.system, source=source)
+    def _reserved(self, rid: str, source: str | None, unit: str = "line") -> str | None:
+        """Where ``rid`` is the default id of a line (or row) of this run, else None."""
+        name, sep, n = rid.rpartition(":")
+        if sep and n.isdigit() and n.isascii() and n[0] != "0" and (
+                name in self.sources or name == (source or DEFAULT_SOURCE)):
+            return _location(name, int(n), unit)
+        return None
+
+    def __call__(self, line: str, line_no: int, source: str | None = None,
+                 problem: str | None = None) -> InputRecord | InputError | None:
+        r = parse_line(line, line_no, self.defaults, system=self.system, source=source, problem=problem)
         return None if r is None else self.admit(r, line_no, source)
 
     def admit(self, r: InputRecord | InputError, line_no: int, source: str | None = None,
               unit: str = "line") -> InputRecord | InputError | None:
-        """Duplicate-id and resume checks for a parsed item (``unit``: "line" or a table's "row")."""
-        loc = f"{unit} {line_no}" if source is None else f"{source} {unit} {line_no}"
+        """Reserved-id, duplicate-id and resume checks for a parsed item (``unit``:
+        "line", or "row" for a table, whose default ids have the same form)."""
+        loc, own = _location(source, line_no, unit), default_id(source, line_no)
+        taken = self._reserved(r.id, source, unit) if r.id != own else None
+        if taken is not None:
+            message = r.message if isinstance(r, InputError) else (
+                f"{loc}: field 'id': {_show(r.id)} is the default id of {taken} (ids SOURCE:LINE naming an "
+                f"input {unit} are reserved for {unit}s without an id); choose another id")
+            r = InputError(own, line_no, r.field if isinstance(r, InputError) else "id", message, r.extra)
         if r.id in self.seen:
-            rid = base = str(line_no) if source is None else f"{source}:{line_no}"
-            k = 1
+            rid, k = own, 1
             while rid in self.seen:
                 k += 1
-                rid = f"{base}#{k}"
+                rid = f"{own}#{k}"
             r = InputError(rid, line_no, "id", f"{loc}: field 'id': duplicate id {_show(r.id)} "
                                                f"(first on {self.seen[r.id]})", r.extra)
         self.seen[r.id] = loc

@@ -27,9 +27,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator
 
-from cbgen.io.reader import iter_lines
-from cbgen.io.records import (InputError, InputRecord, LineParser, _Bad, _messages, _record_id, _show,
-                              _with_system)
+from cbgen.io.reader import source_lines, source_names
+from cbgen.io.records import (InputError, InputRecord, LineParser, _Bad, _location, _messages, _record_id,
+                              _show, _with_system, default_id)
 from cbgen.io.tables import Row, iter_rows, read_schema, table_kind
 from cbgen.io.templates import PromptTemplate, TemplateRowError
 
@@ -116,8 +116,8 @@ class RowParser:
 
     def parse(self, spec: TableSpec, r: Row, source: str | None) -> InputRecord | InputError:
         """One row -> item (never raises for bad data)."""
-        loc = f"row {r.row_no}" if source is None else f"{source} row {r.row_no}"
-        rid = str(r.row_no) if source is None else f"{source}:{r.row_no}"
+        loc = _location(source, r.row_no, "row")
+        rid = default_id(source, r.row_no)
         row = TableRow(source, r.values or {})
         if r.problem is not None:
             return InputError(rid, r.row_no, "row", f"{loc}: {r.problem}", {"row": row})
@@ -142,17 +142,15 @@ def read_inputs(sources: list[str], lines: LineParser, spec: TableSpec | None = 
                 stdin: BinaryIO | None = None) -> Iterator[InputRecord | InputError]:
     """Items of every source in order: tables row by row, other files and ``-`` line by line.
 
-    Default ids and messages carry the source when several are read. Line items
+    Default ids are ``"<source>:<line or row>"`` (``records.default_id``). Line items
     get an empty ``TableRow`` too, so a table output knows their source.
     """
-    multi = len(sources) > 1
     rows = RowParser(spec or TableSpec(), lines)
-    for src in sources:
-        label = (src if src != "-" else "stdin") if multi else None
+    for src, label in zip(sources, source_names(sources)):
         if table_kind(src) is not None:
             yield from rows.read(src, label)
             continue
-        for ln in iter_lines([src], stdin):
-            r = lines(ln.text, ln.line_no, label)
+        for ln in source_lines(src, label, stdin):
+            r = lines(ln.text, ln.line_no, ln.source, problem=ln.problem)
             if r is not None:
                 yield dataclasses.replace(r, extra={**r.extra, "row": TableRow(label, {})})
