@@ -65,6 +65,15 @@ def _engine(loaded, cfg: EngineConfig):
     return engine
 
 
+def _chat_template(path: str | None) -> str | None:
+    """The Jinja source of ``--chat-template FILE``, checked before the model loads."""
+    from .frontends.prompting import PromptError, load_chat_template
+    try:
+        return load_chat_template(path) if path is not None else None
+    except PromptError as e:
+        fail(str(e))
+
+
 def _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, n) -> SamplingParams:
     try:
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -87,6 +96,8 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Skip ids already in --output and append the rest."),
     validate: bool = typer.Option(False, "--validate", help="Check inputs (parsing, templates, lengths); generate nothing."),
     system: Optional[str] = typer.Option(None, "--system", help="System message for chat inputs that have none."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", metavar="FILE",
+                                                help="Jinja chat template for every line, instead of the model's."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -124,7 +135,10 @@ def run(
             fail(f"input {path!r}: no such file")
     defaults = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, samples)
     cfg = _engine_config(max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention)
+    template = _chat_template(chat_template)
     loaded = _load(model, dtype, threads)
+    if template is not None:
+        loaded.tokenizer.chat_template = template
     if validate:
         from .frontends.validate import validate_inputs
         raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err))
