@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import time
 from typing import Optional
 
 import typer
@@ -19,6 +20,7 @@ from .config import EngineConfig, ModelConfig, SamplingParams
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Batch and interactive LLM generation on a continuous-batching engine.")
 err = Console(stderr=True)
+_STARTED = time.monotonic()   # --dry-run counts start-up from here
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Local HF model dir, a .gguf file, or org/name in the "
                         "local HF cache. Default: the embedded SmolLM2-135M-Instruct.")
@@ -95,6 +97,8 @@ def run(
     order: Optional[str] = typer.Option(None, "--order", help="finish (default for stdin) | input (default for files)."),
     resume: bool = typer.Option(False, "--resume", help="Skip ids already in --output and append the rest."),
     validate: bool = typer.Option(False, "--validate", help="Check inputs (parsing, templates, lengths); generate nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="--validate, plus token counts, the longest prompts and "
+                                 "an ETA from a short probe of this machine (<= 15 s); generate nothing."),
     system: Optional[str] = typer.Option(None, "--system", help="System message for chat inputs that have none."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", metavar="FILE",
                                                 help="Jinja chat template for every line, instead of the model's."),
@@ -143,6 +147,10 @@ def run(
         from .frontends.validate import validate_inputs
         raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err))
     engine = _engine(loaded, cfg)
+    if dry_run:
+        from .frontends.dryrun import dry_run as dry_run_inputs
+        raise typer.Exit(dry_run_inputs(inputs, loaded, engine, defaults, system, err,
+                                        startup_s=time.monotonic() - _STARTED))
     opts = RunOptions(inputs=inputs, output=output, fmt=fmt, order=order, resume=resume, system=system,
                       defaults=defaults, quiet=quiet, progress=progress, model_name=loaded.name)
     code = BatchRun(engine, loaded.tokenizer, opts, err).run()
