@@ -33,15 +33,19 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load(model: str | None, dtype: str, threads: int | None):
-    """Load the model, turning every expected failure into a one-line error."""
+def _load(model: str | None, dtype: str, threads: int | None, chat_template: str | None = None):
+    """Load the model, turning every expected failure into a one-line error. ``chat_template``
+    (Jinja source) replaces the tokenizer's for the whole process."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never a network hang
     from .models import ModelError, load_model
     try:
         cfg = ModelConfig(model=model, dtype=dtype, threads=threads)
-        return load_model(cfg, status=lambda msg: err.print(msg, style="dim", highlight=False))
+        loaded = load_model(cfg, status=lambda msg: err.print(msg, style="dim", highlight=False))
     except (ModelError, ValueError) as e:
         fail(str(e))
+    if chat_template is not None:
+        loaded.tokenizer.chat_template = chat_template
+    return loaded
 
 
 def _engine_config(max_num_seqs: int, max_batched_tokens: int, kv_cache_gb: float, prefix_cache: bool,
@@ -139,10 +143,7 @@ def run(
             fail(f"input {path!r}: no such file")
     defaults = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, samples)
     cfg = _engine_config(max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention)
-    template = _chat_template(chat_template)
-    loaded = _load(model, dtype, threads)
-    if template is not None:
-        loaded.tokenizer.chat_template = template
+    loaded = _load(model, dtype, threads, _chat_template(chat_template))
     if validate:
         from .frontends.validate import validate_inputs
         raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err))
@@ -172,6 +173,8 @@ def chat(
     dtype: str = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System message for new conversations."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", metavar="FILE",
+                                                help="Jinja chat template instead of the model's."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.7, "--temperature", "-t"),
     top_p: float = typer.Option(0.9, "--top-p"),
@@ -185,7 +188,7 @@ def chat(
     from .frontends.chat import run_chat
     defaults = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, None, 1)
     cfg = _engine_config(max_num_seqs, max(256, max_num_seqs), EngineConfig.kv_cache_gb, True)
-    loaded = _load(model, dtype, threads)
+    loaded = _load(model, dtype, threads, _chat_template(chat_template))
     engine = _engine(loaded, cfg)
     raise typer.Exit(run_chat(engine, loaded, defaults, system=system))
 

@@ -102,6 +102,9 @@ def test_controls_on_a_raw_prompt_are_refused():
 def test_a_misspelt_control_is_an_error():
     r = cbgen_line(continue_final_mesage=True)
     assert isinstance(r, InputError) and "did you mean 'continue_final_message'" in r.message
+    r = openai_line(add_generation_promt=False, user="u1")  # other body keys stay ignored
+    assert isinstance(r, InputError) and r.field == "body.add_generation_promt"
+    assert "did you mean 'body.add_generation_prompt'" in r.message
 
 
 # ---- encoding -------------------------------------------------------------------

@@ -72,7 +72,7 @@ def dry_run(inputs: list[str], loaded, engine: Engine, defaults: SamplingParams,
     if not check.num_valid:
         print("nothing to generate", file=out)
         return code
-    err.print(f"probing this machine (up to {probe_seconds:.0f}s)...", style="dim", highlight=False)
+    err.print(f"probing this machine (about {probe_seconds:.0f}s)...", style="dim", highlight=False)
     probe = run_probe(engine, check.sample, rows=sum(check.num_samples), time_limit=probe_seconds)
     cost = StepCost.fit(probe.steps)
     bm = engine.block_manager

@@ -28,8 +28,12 @@ def template_variables(source: str) -> frozenset[str]:
     compile it. Raises ``jinja2.TemplateError`` (with ``lineno`` for a syntax error).
     """
     from jinja2 import meta
-    from transformers.utils.chat_template_utils import _compile_jinja_template  # compiled once, cached
-    env = _compile_jinja_template(source).environment
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template  # compiled once, cached
+        env = _compile_jinja_template(source).environment
+    except ImportError:  # a transformers without this helper: plain Jinja (no {% generation %} tag)
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        env = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
     return frozenset(meta.find_undeclared_variables(env.parse(source)))
 
 

@@ -22,6 +22,7 @@ depends on the template is checked where the template is applied.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,11 +101,15 @@ def parse_controls(values: dict[str, Any], prefix: str,
 
     ``messages`` are the line's parsed messages (None for a raw ``prompt``, which
     has no template to control). ``null`` means "not given". Raises
-    ``ControlError`` naming the field for a wrong type, both
+    ``ControlError`` naming the field for a misspelt control, a wrong type, both
     ``add_generation_prompt`` and ``continue_final_message`` true, a
     continuation without a final assistant message, a reserved template kwarg,
     or an unsupported ``tool_choice``.
     """
+    for key in sorted(values.keys() - CONTROL_KEYS):  # an OpenAI body ignores unknown keys, but not a misspelt control
+        close = difflib.get_close_matches(key, CONTROL_KEYS, n=1, cutoff=0.85)
+        if close:
+            raise ControlError(prefix + key, f"unknown field (did you mean '{prefix}{close[0]}'?)")
     given = sorted(k for k in CONTROL_KEYS & values.keys() if values[k] is not None)
     if not given:
         return None
