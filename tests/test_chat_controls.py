@@ -190,6 +190,8 @@ def test_run_honours_controls_and_the_chat_template_file(tmp_path, tiny_model_di
     assert "field 'tools': the chat template does not use tools" in recs["tools"]["error"]
     assert "field 'continue_final_message'" in recs["both"]["error"]
     assert "field 'tools'" in r.stderr
+    r = _run([*base, "--validate"])  # --validate (and --dry-run) apply the same checks
+    assert r.exit_code == 1 and "2 valid, 2 invalid" in r.stderr and "field 'tools'" in r.stderr
     # --chat-template FILE applies to every line: now the tools line is served.
     tpl = tmp_path / "tools.jinja"
     tpl.write_text(TOOLS_TEMPLATE)

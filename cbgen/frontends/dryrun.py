@@ -34,7 +34,7 @@ def _report(check: InputCheck, probe: ProbeResult, cost: StepCost, est: Estimate
     p = check.prompt_tokens
     w(f"prompt tokens: {sum(p):,} in total, mean {sum(p) / len(p):.0f}, max {max(p):,} "
       f"(context length {max_len:,})")
-    cut = sum(not s.finished for s in probe.lengths)
+    cut = probe.num_cut
     ended = [s for s in probe.lengths if s.finished]
     basis = (f"{len(ended)} of {len(probe.lengths)} sampled sequences ran to their end in the probe"
              + (f" at {sum(s.fraction for s in ended) / len(ended):.0%} of their limit on average" if ended else "")
@@ -75,6 +75,10 @@ def dry_run(inputs: list[str], loaded, engine: Engine, defaults: SamplingParams,
     err.print(f"probing this machine (about {probe_seconds:.0f}s)...", style="dim", highlight=False)
     probe = run_probe(engine, check.sample, rows=sum(check.num_samples), time_limit=probe_seconds)
     cost = StepCost.fit(probe.steps)
+    if 2 * probe.num_cut > len(probe.lengths):
+        err.print(f"warning: the probe's time ran out before {probe.num_cut} of {len(probe.lengths)} sampled answers ended "
+                  "(a busy machine?); they count at their max_new_tokens, so the ETA leans high",
+                  style="yellow", highlight=False, soft_wrap=True)
     bm = engine.block_manager
     est = estimate(check.prompt_tokens, check.max_new_tokens, check.num_samples, probe.lengths, cost,
                    engine.config.max_num_seqs, engine.config.max_num_batched_tokens,

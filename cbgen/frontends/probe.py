@@ -38,6 +38,11 @@ class ProbeResult:
     prefix_hit_rate: float     # prompt tokens the prefix cache served in the concurrency part
     seconds: float             # wall time of the whole probe
 
+    @property
+    def num_cut(self) -> int:
+        """Length samples the time limit cut (their answers would have gone on)."""
+        return sum(not s.finished for s in self.lengths)
+
 
 def timed_step(engine: Engine) -> tuple[StepSample, list]:
     """``engine.step()`` timed, with its decode rows, their context and its prefill tokens."""

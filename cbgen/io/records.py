@@ -194,7 +194,7 @@ def _cbgen(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: 
         raise _Bad("prompt", "missing: expected 'prompt' (a string) or 'messages' (a list of {role, content})")
     extra = {"metadata": obj["metadata"]} if "metadata" in obj else {}
     return InputRecord(rid, line_no, kind, prompt, messages, _params(defaults, obj, ""), "cbgen", extra,
-                       _controls(obj, "", messages))
+                       chat_controls=_controls(obj, "", messages))
 
 
 def _openai(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None) -> InputRecord:
@@ -216,7 +216,7 @@ def _openai(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system:
     messages = _messages(body["messages"], "body.messages", system) if need == "messages" else None
     extra = {"url": url, "method": method, "model": body.get("model")}
     return InputRecord(rid, line_no, "openai", prompt, messages, _params(defaults, body, "body."), "openai", extra,
-                       _controls(body, "body.", messages))
+                       chat_controls=_controls(body, "body.", messages))
 
 
 def parse_line(line: str, line_no: int, defaults: SamplingParams, *, system: str | None = None,
