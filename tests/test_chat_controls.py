@@ -105,6 +105,9 @@ def test_a_misspelt_control_is_an_error():
     r = openai_line(add_generation_promt=False, user="u1")  # other body keys stay ignored
     assert isinstance(r, InputError) and r.field == "body.add_generation_promt"
     assert "did you mean 'body.add_generation_prompt'" in r.message
+    # Dataset columns near a short control name stay ignored extra columns.
+    r = cbgen_line(tool="hammer", document="a.txt")
+    assert isinstance(r, InputRecord) and r.chat_controls is None
 
 
 # ---- encoding -------------------------------------------------------------------

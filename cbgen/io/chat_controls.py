@@ -35,6 +35,9 @@ RESERVED_KWARGS = CONTROL_KEYS | {"messages", "conversation", "tokenize", "retur
                                   "padding", "truncation", "max_length", "tokenizer_kwargs",
                                   "return_assistant_tokens_mask", "sanitize_control_tokens"}
 TOOL_CHOICES = ("auto", "none")
+# Near misses of these are typos, not data: short names ("tools", "documents") are left out, as
+# datasets carry columns such as "tool" or "document" that a line must be free to have.
+TYPO_CHECKED = frozenset(k for k in CONTROL_KEYS if len(k) > 10)
 
 
 class ControlError(ValueError):
@@ -106,8 +109,8 @@ def parse_controls(values: dict[str, Any], prefix: str,
     continuation without a final assistant message, a reserved template kwarg,
     or an unsupported ``tool_choice``.
     """
-    for key in sorted(values.keys() - CONTROL_KEYS):  # an OpenAI body ignores unknown keys, but not a misspelt control
-        close = difflib.get_close_matches(key, CONTROL_KEYS, n=1, cutoff=0.85)
+    for key in sorted(values.keys() - CONTROL_KEYS):  # other keys are ignored, but not a misspelt control
+        close = difflib.get_close_matches(key, TYPO_CHECKED, n=1, cutoff=0.85)
         if close:
             raise ControlError(prefix + key, f"unknown field (did you mean '{prefix}{close[0]}'?)")
     given = sorted(k for k in CONTROL_KEYS & values.keys() if values[k] is not None)

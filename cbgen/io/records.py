@@ -181,7 +181,7 @@ def _record_id(obj: dict[str, Any], key: str) -> str:
 
 def _cbgen(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None) -> InputRecord:
     for key in sorted(obj.keys() - CBGEN_KEYS - KNOWN_SAMPLING - CONTROL_KEYS):
-        close = difflib.get_close_matches(key, KNOWN_SAMPLING | CONTROL_KEYS, n=1, cutoff=0.8)
+        close = difflib.get_close_matches(key, KNOWN_SAMPLING, n=1, cutoff=0.8)
         if close:
             raise _Bad(key, f"unknown field (did you mean '{close[0]}'?)")
     if "prompt" in obj and "messages" in obj:
