@@ -65,6 +65,7 @@ def test_continue_final_message_alone_turns_off_the_generation_prompt():
     ({"continue_final_message": "yes"}, "continue_final_message", "expected true or false"),
     ({"add_generation_prompt": 1}, "add_generation_prompt", "expected true or false"),
     ({"chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs", "expected an object"),
+    ({"chat_template_kwargs": []}, "chat_template_kwargs", "expected an object"),
     ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools", "as its own field"),
     ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs.tokenize", "reserved"),
     ({"tools": {"name": "f"}}, "tools", "expected a list of objects"),

@@ -132,7 +132,8 @@ def parse_controls(values: dict[str, Any], prefix: str,
         if not last["content"].strip():
             raise ControlError(prefix + "continue_final_message",
                                "needs a non-empty final assistant message to continue")
-    kwargs = values.get("chat_template_kwargs") or {}
+    kwargs = values.get("chat_template_kwargs")
+    kwargs = {} if kwargs is None else kwargs
     if not isinstance(kwargs, dict):
         raise ControlError(prefix + "chat_template_kwargs", f"expected an object of template variables, got "
                                                             f"{_show(kwargs)}")
