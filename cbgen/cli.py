@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import time
 from typing import Optional
 
 import typer
@@ -19,6 +20,7 @@ from .config import EngineConfig, ModelConfig, SamplingParams
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Batch and interactive LLM generation on a continuous-batching engine.")
 err = Console(stderr=True)
+_STARTED = time.monotonic()   # --dry-run counts start-up from here
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Local HF model dir, a .gguf file, or org/name in the "
                         "local HF cache. Default: the embedded SmolLM2-135M-Instruct.")
@@ -31,18 +33,22 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load(model: str | None, dtype: str, threads: int | None):
-    """Load the model, turning every expected failure into a one-line error."""
+def _load(model: str | None, dtype: str, threads: int | None, chat_template: str | None = None):
+    """Load the model, turning every expected failure into a one-line error. ``chat_template``
+    (Jinja source) replaces the tokenizer's for the whole process."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never a network hang
     from .compute import compute_thread
     from .models import ModelError, load_model
     try:
         cfg = ModelConfig(model=model, dtype=dtype, threads=threads)
         # On the compute thread, where the engine will step: one OpenMP team (cbgen/compute.py).
-        return compute_thread().call(load_model, cfg, status=lambda msg: err.print(msg, style="dim",
-                                                                                    highlight=False))
+        loaded = compute_thread().call(load_model, cfg, status=lambda msg: err.print(msg, style="dim",
+                                                                                      highlight=False))
     except (ModelError, ValueError) as e:
         fail(str(e))
+    if chat_template is not None:
+        loaded.tokenizer.chat_template = chat_template
+    return loaded
 
 
 def _engine_config(max_num_seqs: int, max_batched_tokens: int, kv_cache_gb: float, prefix_cache: bool,
@@ -69,6 +75,15 @@ def _engine(loaded, cfg: EngineConfig):
     return engine
 
 
+def _chat_template(path: str | None) -> str | None:
+    """The Jinja source of ``--chat-template FILE``, checked before the model loads."""
+    from .frontends.prompting import PromptError, load_chat_template
+    try:
+        return load_chat_template(path) if path is not None else None
+    except PromptError as e:
+        fail(str(e))
+
+
 def _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, n) -> SamplingParams:
     try:
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -90,6 +105,8 @@ def run(
     order: Optional[str] = typer.Option(None, "--order", help="finish (default for stdin) | input (default for files)."),
     resume: bool = typer.Option(False, "--resume", help="Skip ids already in --output and append the rest."),
     validate: bool = typer.Option(False, "--validate", help="Check inputs (parsing, templates, lengths); generate nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="--validate, plus token counts, the longest prompts and "
+                                 "an ETA from a short probe of this machine (<= 15 s); generate nothing."),
     system: Optional[str] = typer.Option(None, "--system", help="System message for chat inputs that have none."),
     template: Optional[str] = typer.Option(None, "--template", help="Table inputs: the prompt from each row's "
                                            "columns, Python format ('Summarize: {text}') or Jinja ('{{ text }}')."),
@@ -100,6 +117,8 @@ def run(
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Table inputs: the id column (default: row number)."),
     row_group_size: int = typer.Option(1000, "--row-group-size", help="Table outputs: rows per row group, and "
                                        "per crash-safe part (a part is also written every 30 s)."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", metavar="FILE",
+                                                help="Jinja chat template for every line, instead of the model's."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -164,11 +183,15 @@ def run(
     except ValueError as e:
         fail(str(e))
     cfg = _engine_config(max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention)
-    loaded = _load(model, dtype, threads)
+    loaded = _load(model, dtype, threads, _chat_template(chat_template))
     if validate:
         from .frontends.validate import validate_inputs
         raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err, tables.spec))
     engine = _engine(loaded, cfg)
+    if dry_run:
+        from .frontends.dryrun import dry_run as dry_run_inputs
+        raise typer.Exit(dry_run_inputs(inputs, loaded, engine, defaults, system, err,
+                                        startup_s=time.monotonic() - _STARTED, spec=tables.spec))
     opts = RunOptions(inputs=inputs, output=output, fmt=fmt, order=order, resume=resume, system=system,
                       defaults=defaults, quiet=quiet, progress=progress, model_name=loaded.name, tables=tables)
     from .io.resume import ResumeError
@@ -194,6 +217,8 @@ def chat(
     dtype: str = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System message for new conversations."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", metavar="FILE",
+                                                help="Jinja chat template instead of the model's."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.7, "--temperature", "-t"),
     top_p: float = typer.Option(0.9, "--top-p"),
@@ -215,7 +240,7 @@ def chat(
             open(json_log, "a", encoding="utf-8").close()
         except OSError as e:
             fail(f"--json-log {json_log!r}: cannot open: {e.strerror or e}")
-    loaded = _load(model, dtype, threads)
+    loaded = _load(model, dtype, threads, _chat_template(chat_template))
     engine = _engine(loaded, cfg)
     raise typer.Exit(run_chat(engine, loaded, defaults, system=system, json_log=json_log))
 

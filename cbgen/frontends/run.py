@@ -94,7 +94,7 @@ class BatchRun:
                 self._reject(writer, item, item.message, ticket, view)
                 continue
             try:
-                ids = encode(self.tokenizer, prompt=item.prompt, messages=item.messages)
+                ids = encode(self.tokenizer, prompt=item.prompt, messages=item.messages, controls=item.chat_controls)
                 driver.submit(item.id, ids, item.params, extra={"line": item.line_no})
             except (PromptError, ValueError) as e:
                 self._reject(writer, item, f"line {item.line_no}: {e}", ticket, view)

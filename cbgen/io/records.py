@@ -23,6 +23,8 @@ and every other body key (``model``, ``user``, ...) is ignored. In the cbgen
 format ``id``, ``prompt``, ``messages`` and ``metadata`` are structural; any
 other key is ignored (datasets carry extra columns) unless it looks like a typo
 of a sampling field (``temprature``), which is an error.
+Chat-template controls (``continue_final_message``, ``tools``, ...) sit beside
+the sampling fields, at top level or in ``body``: see ``io/chat_controls.py``.
 
 The id is ``id`` / ``custom_id`` as a string (an integer id ``7`` is ``"7"``),
 else the default id ``"<source>:<line_no>"`` (``"prompts.jsonl:7"``,
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Collection
 
 from cbgen.config import SamplingParams
+from cbgen.io.chat_controls import CONTROL_KEYS, ChatTemplateControls, ControlError, parse_controls
 from cbgen.io.encoding import invalid_message
 from cbgen.io.logprob_fields import LogprobFieldError, resolve_logprobs
 
@@ -76,6 +79,7 @@ class InputRecord:
     params: SamplingParams
     raw_format: str                    # "cbgen" | "openai"
     extra: dict[str, Any] = field(default_factory=dict)  # openai url/method/model; cbgen metadata
+    chat_controls: ChatTemplateControls | None = None     # None: the defaults (see io/chat_controls.py)
 
     @property
     def is_chat(self) -> bool:
@@ -183,6 +187,13 @@ def _params(defaults: SamplingParams, values: dict[str, Any], prefix: str, api: 
         raise _Bad(prefix + given.get(name, name), f"expected {m['expected']}, got {got}") from None
 
 
+def _controls(values: dict, prefix: str, messages: list[dict[str, str]] | None) -> ChatTemplateControls | None:
+    try:
+        return parse_controls(values, prefix, messages)
+    except ControlError as e:
+        raise _Bad(e.field, e.what) from None
+
+
 def _record_id(obj: dict[str, Any], key: str) -> str:
     v = obj[key]
     if isinstance(v, str) and v:
@@ -193,7 +204,7 @@ def _record_id(obj: dict[str, Any], key: str) -> str:
 
 
 def _cbgen(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None) -> InputRecord:
-    for key in sorted(obj.keys() - CBGEN_KEYS - KNOWN_SAMPLING):
+    for key in sorted(obj.keys() - CBGEN_KEYS - KNOWN_SAMPLING - CONTROL_KEYS):
         close = difflib.get_close_matches(key, KNOWN_SAMPLING, n=1, cutoff=0.8)
         if close:
             raise _Bad(key, f"unknown field (did you mean '{close[0]}'?)")
@@ -206,7 +217,8 @@ def _cbgen(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: 
     else:
         raise _Bad("prompt", "missing: expected 'prompt' (a string) or 'messages' (a list of {role, content})")
     extra = {"metadata": obj["metadata"]} if "metadata" in obj else {}
-    return InputRecord(rid, line_no, kind, prompt, messages, _params(defaults, obj, ""), "cbgen", extra)
+    return InputRecord(rid, line_no, kind, prompt, messages, _params(defaults, obj, ""), "cbgen", extra,
+                       chat_controls=_controls(obj, "", messages))
 
 
 def _openai(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None) -> InputRecord:
@@ -228,7 +240,8 @@ def _openai(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system:
     messages = _messages(body["messages"], "body.messages", system) if need == "messages" else None
     extra = {"url": url, "method": method, "model": body.get("model")}
     api = "completions" if need == "prompt" else "chat"
-    return InputRecord(rid, line_no, "openai", prompt, messages, _params(defaults, body, "body.", api), "openai", extra)
+    return InputRecord(rid, line_no, "openai", prompt, messages, _params(defaults, body, "body.", api), "openai", extra,
+                       chat_controls=_controls(body, "body.", messages))
 
 
 def default_id(source: str | None, line_no: int) -> str:

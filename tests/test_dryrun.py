@@ -1,0 +1,74 @@
+"""`cbgen run --dry-run` and its shared input check, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from typer.testing import CliRunner
+
+from cbgen.cli import app
+from cbgen.config import EngineConfig, SamplingParams
+from cbgen.engine.engine import Engine
+from cbgen.frontends.probe import run_probe
+from cbgen.frontends.validate import check_inputs
+
+
+def _write(tmp_path, lines):
+    p = tmp_path / "in.jsonl"
+    p.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(p)
+
+
+def _lines(n):
+    return [json.dumps({"id": f"q{i}", "prompt": "The quick brown fox " * (1 + i % 7), "max_new_tokens": 4 + i % 5})
+            for i in range(n)]
+
+
+def test_check_inputs_counts_samples_and_keeps_the_longest(tmp_path, tiny_loaded):
+    src = _write(tmp_path, _lines(30) + ['{"prompt": 3}', json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                                                       "n": 2})])
+    problems = []
+    tok = tiny_loaded.tokenizer
+    check = check_inputs([src], tok, 2048, SamplingParams(), None, problems.append, sample_size=8, num_longest=3)
+    assert (check.num_valid, check.num_invalid) == (31, 1) and "line 31" in problems[0]
+    assert len(check.prompt_tokens) == 31 and check.num_samples[-1] == 2 and check.max_new_tokens[0] == 4
+    assert [c.num_prompt_tokens for c in check.longest] == sorted(check.prompt_tokens, reverse=True)[:3]
+    assert len(check.sample) == 8 and all(len(c.token_ids) == c.num_prompt_tokens for c in check.sample)
+    again = check_inputs([src], tok, 2048, SamplingParams(), None, problems.append, sample_size=8)
+    assert [c.id for c in again.sample] == [c.id for c in check.sample]  # seeded: the same sample
+    assert len({c.id for c in check.sample}) == 8
+
+
+def test_probe_measures_steps_and_natural_lengths(tmp_path, tiny_loaded):
+    engine = Engine.from_loaded(tiny_loaded, EngineConfig(max_num_seqs=8, max_num_batched_tokens=64))
+    src = _write(tmp_path, _lines(12))
+    check = check_inputs([src], tiny_loaded.tokenizer, engine.max_model_len, SamplingParams(), None, print,
+                         sample_size=12)
+    probe = run_probe(engine, check.sample, rows=12, length_samples=5, decode_steps=4, time_limit=30)
+    assert probe.rows == 8 and len(probe.lengths) == 5 and all(s.finished for s in probe.lengths)
+    assert [s.limit for s in probe.lengths] == [c.params.max_new_tokens for c in check.sample[:5]]
+    assert max(s.num_decode for s in probe.steps) == 8      # the whole batch decoded together
+    assert any(s.num_prefill_tokens for s in probe.steps) and all(s.seconds > 0 for s in probe.steps)
+    assert not engine.has_unfinished
+
+
+def test_dry_run_reports_counts_longest_and_eta_without_generating(tmp_path, tiny_model_dir):
+    src = _write(tmp_path, _lines(20) + ['{"prompt": 3}'])
+    out = tmp_path / "out.jsonl"
+    r = CliRunner().invoke(app, ["run", src, "--dry-run", "-o", str(out), "--model", str(tiny_model_dir),
+                                 "--dtype", "float32", "--max-num-seqs", "8"], catch_exceptions=False)
+    assert r.exit_code == 1  # one invalid line, as --validate
+    assert "invalid: line 21: field 'prompt'" in r.stderr
+    assert not out.exists() and "{" not in r.stdout          # nothing generated, no records
+    assert "dry run: 21 inputs, 20 valid, 1 invalid" in r.stdout
+    assert re.search(r"prompt tokens: [\d,]+ in total", r.stdout)
+    assert "output tokens: at most 120 (max_new_tokens)" in r.stdout   # sum of 4 + i % 5 over 20 lines
+    longest = re.findall(r"^\s+([\d,]+) tokens\s+(q\d+) \(line (\d+)\)$", r.stdout, re.M)
+    # Longest first (the prompt repeats 1 + i % 7 times), ties in input order.
+    assert [rid for _, rid, _ in longest] == ["q6", "q13", "q5", "q12", "q19"]
+    assert int(longest[0][0].replace(",", "")) > int(longest[2][0].replace(",", ""))
+    m = re.search(r"ETA: (\d+)m(\d+)s \(range (\d+)m(\d+)s-(\d+)m(\d+)s\) for generation \+ [\d.]+s start-up", r.stdout)
+    assert m, r.stdout
+    eta, low, high = (int(m[i]) * 60 + int(m[i + 1]) for i in (1, 3, 5))
+    assert low <= eta <= high
