@@ -27,7 +27,9 @@ from ..engine.outputs import FinishReason, RequestOutput
 from ..io.reader import Prefetcher, read_records
 from ..io.records import InputError, InputRecord, LineParser
 from ..io.resume import load_done_ids
+from ..io.shard import Shard
 from ..io.writer import OutputClosed, ReorderBuffer, Writer, error_result, make_writer, result_from_outputs
+from .backend import Backend, BackendLost, Notice, Rejected
 from .driver import Driver, EngineFailed
 from .progress import ProgressView
 from .prompting import PromptError, encode
@@ -46,6 +48,7 @@ class RunOptions:
     quiet: bool = False
     read_ahead: int = 64
     model_name: str | None = None
+    shard: Shard | None = None         # --shard I/N: only the ids of this shard
 
 
 @dataclass
@@ -80,14 +83,18 @@ class _Signals:
 
 
 class BatchRun:
-    def __init__(self, engine: Engine, tokenizer, opts: RunOptions, err: Console) -> None:
+    def __init__(self, engine: Engine | None, tokenizer, opts: RunOptions, err: Console,
+                 backend: Backend | None = None) -> None:
+        # backend None: a local Driver over ``engine``; else e.g. a RayPool (``engine`` unused).
         self.engine, self.tokenizer, self.opts, self.err = engine, tokenizer, opts, err
+        self.backend = backend
         self.failed = 0
         self.written = 0
         self.not_started = 0
         self.pending: dict[str, _Pending] = {}
         # In flight beyond the engine's slots so a freed slot is refilled at the very next step.
-        self.max_in_flight = engine.config.max_num_seqs + max(8, engine.config.max_num_seqs // 4)
+        self.max_in_flight = (backend.max_in_flight if backend is not None else
+                              engine.config.max_num_seqs + max(8, engine.config.max_num_seqs // 4))
         self.reorder: ReorderBuffer | None = (
             ReorderBuffer(limit=self.max_in_flight + opts.read_ahead) if opts.order == "input" else None)
 
@@ -135,13 +142,14 @@ class BatchRun:
         if done is not None and done.done_ids:
             self.err.print(f"resume: {len(done.done_ids)} ids already in {opts.output}, skipping them",
                            highlight=False)
-        parser = LineParser(opts.defaults, system=opts.system, skip_ids=done.done_ids if done else ())
+        parser = LineParser(opts.defaults, system=opts.system, skip_ids=done.done_ids if done else (),
+                            shard=opts.shard)
         prefetch = Prefetcher(read_records(opts.inputs, parser), maxsize=opts.read_ahead)
         out_cm = (open(opts.output, "a" if opts.resume else "w", encoding="utf-8")
                   if opts.output else nullcontext(sys.stdout))
         show = opts.progress if opts.progress is not None else (self.err.is_terminal and not opts.quiet)
-        view = ProgressView(self.engine)
-        driver = Driver(self.engine)
+        view = self.backend.progress_view() if self.backend is not None else ProgressView(self.engine)
+        driver = self.backend if self.backend is not None else Driver(self.engine)
         input_done = False
         with out_cm as stream, _Signals() as sig, driver:
             writer = make_writer(opts.fmt, stream)
@@ -183,6 +191,12 @@ class BatchRun:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())
                 return 0
+            except BackendLost as e:
+                # Written records stay; in-flight ones get none, so --resume redoes them.
+                self.err.print(f"[bold red]error:[/] {e}; {len(self.pending)} inputs in flight have no record "
+                               "(run again with --resume to finish the job)", highlight=False, soft_wrap=True)
+                self.failed += 1
+                self.pending.clear()
             finally:
                 prefetch.close()
             if self.reorder is not None:
@@ -210,6 +224,13 @@ class BatchRun:
         for ev in events:
             if isinstance(ev, EngineFailed):
                 raise ev.error
+            if isinstance(ev, Notice):
+                self.err.print(f"[yellow]warning:[/] {ev.message}", highlight=False, soft_wrap=True)
+                continue
+            if isinstance(ev, Rejected):
+                p = self.pending.pop(ev.request_id)
+                self._reject(writer, p.record, f"line {p.record.line_no}: {ev.message}", p.ticket, view)
+                continue
             view.observe(ev)
             if not ev.finished:
                 continue
