@@ -7,6 +7,7 @@ import sys
 import tempfile
 
 from rich.console import Console
+from rich.markup import escape
 
 from ..io.merge import MergeError, merge_outputs
 
@@ -16,14 +17,14 @@ SHOW = 10  # ids named per problem before "... and N more"
 def _names(ids) -> str:
     ids = list(ids)
     more = f" ... and {len(ids) - SHOW} more" if len(ids) > SHOW else ""
-    return ", ".join(ids[:SHOW]) + more
+    return escape(", ".join(ids[:SHOW]) + more)
 
 
 def run_merge(outputs: list[str], output: str | None, inputs: list[str] | None, err: Console) -> int:
     """Exit code: 0 when every id is there exactly once, 1 when not (the merge is written anyway), 2 on error."""
     for p in [*outputs, *(inputs or [])]:
         if not os.path.isfile(p):
-            err.print(f"[bold red]error:[/] {p!r}: no such file", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(repr(p))}: no such file", highlight=False)
             return 2
     try:
         if output is None:
@@ -40,10 +41,10 @@ def run_merge(outputs: list[str], output: str | None, inputs: list[str] | None, 
                 os.unlink(tmp)
                 raise
     except (MergeError, OSError) as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     for note in report.incomplete:
-        err.print(f"[yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if report.duplicates:
         dup = [f"{rid} ({n}x)" for rid, n in report.duplicates.items()]
         err.print(f"[red]duplicate ids[/] ({len(dup)}, first kept): {_names(dup)}", highlight=False, soft_wrap=True)
@@ -55,5 +56,5 @@ def run_merge(outputs: list[str], output: str | None, inputs: list[str] | None, 
                   highlight=False, soft_wrap=True)
     check = "every input id exactly once" if report.checked_missing else "no duplicate ids (give --input to check for missing ones)"
     status = check if report.ok else "problems above"
-    err.print(f"merge: {report.records} records from {len(outputs)} files; {status}", highlight=False)
+    err.print(f"merge: {report.records} records from {len(outputs)} files; {status}", highlight=False, soft_wrap=True)
     return 0 if report.ok else 1

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 
 from ..config import SamplingParams
 from ..engine.engine import Engine
@@ -193,7 +194,7 @@ class BatchRun:
                 return 0
             except BackendLost as e:
                 # Written records stay; in-flight ones get none, so --resume redoes them.
-                self.err.print(f"[bold red]error:[/] {e}; {len(self.pending)} inputs in flight have no record "
+                self.err.print(f"[bold red]error:[/] {escape(str(e))}; {len(self.pending)} inputs in flight have no record "
                                "(run again with --resume to finish the job)", highlight=False, soft_wrap=True)
                 self.failed += 1
                 self.pending.clear()
@@ -225,7 +226,7 @@ class BatchRun:
             if isinstance(ev, EngineFailed):
                 raise ev.error
             if isinstance(ev, Notice):
-                self.err.print(f"[yellow]warning:[/] {ev.message}", highlight=False, soft_wrap=True)
+                self.err.print(f"[yellow]warning:[/] {escape(ev.message)}", highlight=False, soft_wrap=True)
                 continue
             if isinstance(ev, Rejected):
                 p = self.pending.pop(ev.request_id)
