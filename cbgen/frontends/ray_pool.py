@@ -96,6 +96,7 @@ class _Worker:
     in_flight: dict[str, WorkItem] = field(default_factory=dict)
     poll_ref: Any = None
     stats: EngineStats | None = None
+    sequences: list[SequenceProgress] = field(default_factory=list)
     done: int = 0
     rate: deque = field(default_factory=lambda: deque(maxlen=32))  # (monotonic s, generated tokens)
 
@@ -229,7 +230,8 @@ class RayPool:
 
     # ---- figures (engine-like, for ProgressView) -----------------------------------------
     def progress(self) -> list[SequenceProgress]:
-        return []  # sequences stay on the workers; the view shows a line per worker instead
+        """Live sequences of all live workers, as last reported (up to ``PROGRESS_EVERY`` s old)."""
+        return [s for w in self._live() for s in w.sequences]
 
     @property
     def num_generated_tokens(self) -> int:
@@ -320,6 +322,8 @@ class RayPool:
             self._lost(w, _cause(e))
             return
         w.stats = rep.stats
+        if rep.sequences is not None:
+            w.sequences = rep.sequences
         w.rate.append((time.monotonic(), rep.stats.num_generated_tokens))
         for outs in rep.finished:
             if w.in_flight.pop(outs[0].request_id, None) is None:
@@ -332,13 +336,16 @@ class RayPool:
                 self.events.put(Rejected(rid, message))
         if rep.error is not None:
             self._lost(w, f"its engine failed: {rep.error}")
-            self._ray.kill(w.actor)
             return
         w.poll_ref = w.actor.poll.remote(self.opts.poll_timeout)
 
     def _lost(self, w: _Worker, reason: str) -> None:
         """Re-queue a dead worker's requests at the front (they were admitted first)."""
         w.alive = False
+        try:  # one merely unreachable must not go on generating what others now redo
+            self._ray.kill(w.actor)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
         items = list(w.in_flight.values())
         w.in_flight.clear()
         with self._lock:

@@ -1,9 +1,9 @@
 """The live view of ``cbgen run --ray``: the usual header, summed over workers, and a line per worker.
 
-Sequences stay on the workers (only whole finished requests cross to the
-driver), so instead of one line per sequence there is one per worker: its
-node, running and queued sequences, requests done, and tok/s over the last
-few seconds.
+Only whole finished requests cross to the driver, and each worker's list of
+live sequences every half second, so sequence lines have counts but no text.
+Below them, one line per worker: its node, running and queued sequences,
+requests done, and tok/s over the last few seconds.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from .progress import ProgressView
 class RayProgressView(ProgressView):
     """``ProgressView`` over a ``RayPool`` (which offers the engine's ``stats`` /
     ``progress`` / ``num_generated_tokens``, summed) plus ``pool.worker_rows()``."""
+
+    def __init__(self, pool, *, max_lines: int = 8) -> None:
+        super().__init__(pool, max_lines=max_lines)
 
     def render(self):
         table = Table.grid(padding=(0, 1))

@@ -26,8 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import EngineConfig, ModelConfig, SamplingParams
-from ..engine.engine import EngineStats
+from ..engine.engine import EngineStats, SequenceProgress
 from ..engine.outputs import RequestOutput
+
+
+PROGRESS_EVERY = 0.5  # s between sequence lists in a worker's reports (they cost ~1 us a sequence)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class WorkerReport:
     stats: EngineStats
     num_live: int                           # requests accepted and not yet reported
     error: str | None = None                # the engine's step raised: this worker is unusable
+    sequences: list[SequenceProgress] | None = None  # live sequences, at most every PROGRESS_EVERY s
 
 
 class EngineWorker:
@@ -67,6 +71,8 @@ class EngineWorker:
         self._partial: dict[str, list[RequestOutput]] = {}
         self._rejected: list[tuple[str, str]] = []
         self._error: str | None = None
+        self._progress_at = 0.0
+        self._aborting = False
 
     def load(self, model_cfg: ModelConfig, engine_cfg: EngineConfig) -> WorkerInfo:
         """Load the model and start the engine. Raises ``ModelError`` / ``ValueError`` with the reason."""
@@ -90,12 +96,16 @@ class EngineWorker:
                 self._driver.submit(it.request_id, it.prompt_token_ids, it.params, extra=it.extra)
             except ValueError as e:
                 self._rejected.append((it.request_id, str(e)))
+                continue
+            if self._aborting:  # a threaded actor may run a submit after a later abort_all
+                self._driver.abort(it.request_id)
 
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self._driver.abort(rid)
 
     def abort_all(self) -> None:
+        self._aborting = True
         self._driver.abort_all()
 
     def poll(self, timeout: float) -> WorkerReport:
@@ -119,7 +129,10 @@ class EngineWorker:
                 break
         rejected, self._rejected = self._rejected, []
         engine = self._driver.engine
-        return WorkerReport(finished, rejected, engine.stats(), len(engine.live_ids()), self._error)
+        seqs = None
+        if time.monotonic() - self._progress_at >= PROGRESS_EVERY:  # for the view's ETA and lines; throttled
+            self._progress_at, seqs = time.monotonic(), engine.progress()
+        return WorkerReport(finished, rejected, engine.stats(), len(engine.live_ids()), self._error, seqs)
 
     def _take(self, ev, finished: list[list[RequestOutput]]) -> None:
         from .driver import EngineFailed
