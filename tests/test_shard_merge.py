@@ -120,3 +120,14 @@ def test_input_ids_match_run_ids_with_several_inputs(tmp_path):
     a = _write(tmp_path, "a.txt", ["hi", "", "there"])
     b = _write(tmp_path, "b.jsonl", [json.dumps({"id": "x", "prompt": "p"}), "{bad"])
     assert input_ids([a, b]) == [f"{a}:1", f"{a}:3", "x", f"{b}:2"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shard", "3/2"], "--shard 3/2: expected I/N"),
+    (["--workers", "2"], "--workers and --cpus-per-worker need --ray"),
+    (["--ray", "--workers", "0"], "--workers 0: expected an integer >= 1"),
+])
+def test_bad_scale_out_options_fail_before_loading(tmp_path, args, message):
+    src = _write(tmp_path, "in.txt", ["hi"])
+    r = _run(["run", src, "--model", str(tmp_path / "never-loaded"), *args])
+    assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -66,7 +66,7 @@ class PoolOptions:
         for name in ("workers", "cpus_per_worker"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name}={v!r} is invalid: expected an integer >= 1")
+                raise ValueError(f"--{name.replace('_', '-')} {v!r}: expected an integer >= 1")
 
 
 def in_flight_cap(engine_cfg: EngineConfig) -> int:
