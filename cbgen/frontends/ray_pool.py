@@ -19,6 +19,7 @@ read again, so a request re-queued after a death is reported once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -160,7 +161,8 @@ class RayPool:
         ray = self._ray = import_ray()
         if not ray.is_initialized():
             address = self.opts.address or os.environ.get("RAY_ADDRESS")
-            quiet = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+            # Workers' own logs stay on their nodes: the driver's stderr is for cbgen's status.
+            quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
             if address:
                 self.status(f"ray: connecting to {address}")
                 ray.init(address=address, **quiet)
@@ -170,7 +172,7 @@ class RayPool:
             self._owns_ray = True
         workers, per = self._plan(ray)
         cls = ray.remote(EngineWorker)
-        model_cfg = ModelConfig(**{**self.model_cfg.__dict__, "threads": per})
+        model_cfg = dataclasses.replace(self.model_cfg, threads=per)  # torch threads = its Ray CPUs
         for i in range(workers):
             actor = cls.options(num_cpus=per, max_concurrency=4, max_restarts=0,
                                 scheduling_strategy="SPREAD").remote()
