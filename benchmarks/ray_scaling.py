@@ -11,8 +11,9 @@ prompts) and prints, side by side:
   both with all the box's cores in one engine, so the difference is Ray's dispatch,
   polling and serialisation (negative or within noise = not measurable here);
 * driver CPU ms per request: CPU time of the driver process itself (from
-  /proc/<pid>/stat, all its threads) between its first record and its last,
-  divided by the records written meanwhile: steady state, start-up excluded.
+  /proc/<pid>/stat, all its threads, sampled every 50 ms) between its first
+  record and its last, divided by the records written meanwhile: steady
+  state, start-up and shutdown excluded.
   For plain runs the engine is in that process too; for Ray runs it is what
   bounds how many requests/s one driver can feed (benchmarks/NOTES.md,
   "Scaling out on Ray"). Needs enough records to mean anything (not --limit 6).
@@ -77,11 +78,16 @@ def run(name: str, extra: list[str], args, prompts: str, out_dir: str) -> Result
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     cpu = 0.0
-    first: tuple[float, int] | None = None   # (driver CPU s, records) when the first record appeared
+    # (driver CPU s, records written) when the first record appeared and when the count last grew:
+    # the window excludes start-up and shutdown (ray.shutdown alone is ~1 s of CPU).
+    first = last = None
     while p.poll() is None:
         cpu = _cpu_seconds(p.pid) or cpu
-        if first is None and os.path.exists(out) and os.path.getsize(out):
-            first = (cpu, _count(out))
+        n = _count(out) if os.path.exists(out) else 0
+        if n and first is None:
+            first = last = (cpu, n)
+        elif last is not None and n > last[1]:
+            last = (cpu, n)
         time.sleep(0.05)
     e2e = time.perf_counter() - t0
     err = p.stderr.read()
@@ -89,7 +95,7 @@ def run(name: str, extra: list[str], args, prompts: str, out_dir: str) -> Result
     if p.returncode not in (0, 1) or m is None:
         sys.exit(f"{name} failed (exit {p.returncode}):\n{err}")
     recs = [json.loads(line) for line in open(out, encoding="utf-8") if line.strip()]
-    per = (cpu - first[0]) / (len(recs) - first[1]) if first and len(recs) > first[1] else float("nan")
+    per = (last[0] - first[0]) / (last[1] - first[1]) if first and last[1] > first[1] else float("nan")
     return Result(name, e2e, float(m[3]), int(m[1]), int(m[2]), per, {r["id"]: r["text"] for r in recs})
 
 
