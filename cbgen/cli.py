@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .config import EngineConfig, ModelConfig, SamplingParams
 
@@ -29,7 +30,7 @@ ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: all c
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -144,6 +145,13 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary on stderr."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Live view on stderr (default: when stderr is a terminal)."),
+    use_ray: bool = typer.Option(False, "--ray", help="Run on the Ray cluster at $RAY_ADDRESS, or a local Ray "
+                                 "instance (needs cbgen[ray])."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers, one engine each (default: one per node)."),
+    cpus_per_worker: Optional[int] = typer.Option(None, "--cpus-per-worker",
+                                                  help="CPUs (torch threads) per Ray worker (default: a node's cores)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: only the inputs whose id hashes to shard I "
+                                        "of N (0-based; for job arrays; see README)."),
 ) -> None:
     """Generate for every line of INPUTS; one JSONL record per line as it finishes."""
     from .frontends.run import BatchRun, RunOptions
@@ -176,6 +184,10 @@ def run(
                              samples=samples, part_rows=row_group_size)
     except (ValueError, OSError) as e:
         fail(str(e))
+    shard_spec = _shard(shard) if shard is not None else None
+    pool_opts = _ray_options(workers, cpus_per_worker) if use_ray else None
+    if not use_ray and (workers or cpus_per_worker):
+        fail("--workers and --cpus-per-worker need --ray")
     defaults = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, samples)
     try:
         from .io.logprob_fields import cli_defaults
@@ -187,19 +199,74 @@ def run(
     if validate:
         from .frontends.validate import validate_inputs
         raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err, tables.spec))
+    opts = RunOptions(inputs=inputs, output=output, fmt=fmt, order=order, resume=resume, system=system,
+                      defaults=defaults, quiet=quiet, progress=progress, model_name=loaded.name, tables=tables,
+                      shard=shard_spec)
+    from .io.resume import ResumeError
+    if pool_opts is not None and not dry_run:
+        try:
+            raise typer.Exit(_run_on_ray(loaded, dtype, cfg, pool_opts, opts, model is not None))
+        except ResumeError as e:
+            fail(str(e))
     engine = _engine(loaded, cfg)
     if dry_run:
         from .frontends.dryrun import dry_run as dry_run_inputs
         raise typer.Exit(dry_run_inputs(inputs, loaded, engine, defaults, system, err,
                                         startup_s=time.monotonic() - _STARTED, spec=tables.spec))
-    opts = RunOptions(inputs=inputs, output=output, fmt=fmt, order=order, resume=resume, system=system,
-                      defaults=defaults, quiet=quiet, progress=progress, model_name=loaded.name, tables=tables)
-    from .io.resume import ResumeError
     try:
         code = BatchRun(engine, loaded.tokenizer, opts, err).run()
     except ResumeError as e:
         fail(str(e))
     raise typer.Exit(code)
+
+
+def _shard(spec: str):
+    from .io.shard import Shard
+    try:
+        return Shard.parse(spec)
+    except ValueError as e:
+        fail(str(e))
+
+
+def _ray_options(workers: int | None, cpus_per_worker: int | None):
+    """Checked before the model loads: Ray installed, counts valid."""
+    from .frontends.ray_pool import PoolOptions, RayUnavailable, import_ray
+    try:
+        import_ray()
+        return PoolOptions(workers=workers, cpus_per_worker=cpus_per_worker)
+    except (RayUnavailable, ValueError) as e:
+        fail(str(e))
+
+
+def _run_on_ray(loaded, dtype: str, cfg: EngineConfig, pool_opts, opts, named: bool) -> int:
+    """``cbgen run --ray``: this process reads, tokenizes and writes; the workers generate."""
+    from .frontends.ray_pool import PoolError, RayPool
+    from .frontends.run import BatchRun
+    # Workers load by absolute path (their cwd differs); the driver keeps only the tokenizer.
+    model_cfg = ModelConfig(model=os.path.abspath(loaded.origin) if named else None, dtype=dtype)
+    loaded.model = None
+    gc.collect()
+    pool = RayPool(model_cfg, cfg, pool_opts, status=lambda m: err.print(m, style="dim", highlight=False))
+    try:
+        try:
+            pool.connect()
+        except PoolError as e:
+            fail(str(e))
+        return BatchRun(None, loaded.tokenizer, opts, err, backend=pool).run()
+    finally:
+        pool.close()
+
+
+@app.command()
+def merge(
+    outputs: list[str] = typer.Argument(..., help="Output files of the shards (cbgen JSONL or OpenAI format)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Merged file (default: stdout)."),
+    inputs: Optional[list[str]] = typer.Option(None, "--input", "-i", help="The run's inputs (repeatable, in "
+                                               "order): gives input order and checks that no id is missing."),
+) -> None:
+    """Merge shard outputs into one, in input order; name any missing or duplicate ids (exit 1)."""
+    from .frontends.merge import run_merge
+    raise typer.Exit(run_merge(outputs, output, inputs, err))
 
 
 @app.command()

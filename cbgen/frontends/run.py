@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 
 from ..config import SamplingParams
 from ..engine.engine import Engine
@@ -26,8 +27,10 @@ from ..engine.outputs import FinishReason, RequestOutput
 from ..io.reader import Prefetcher, source_names
 from ..io.records import InputError, InputRecord, LineParser
 from ..io.resume import ResumeError, compact, load_done_ids
+from ..io.shard import Shard
 from ..io.table_rows import read_inputs
 from ..io.writer import OutputClosed, ReorderBuffer, Writer, error_result, make_writer, result_from_outputs
+from .backend import Backend, BackendLost, Notice, Rejected
 from .driver import Driver, EngineFailed
 from .interrupts import StopSignals
 from .progress import ProgressView
@@ -49,6 +52,7 @@ class RunOptions:
     read_ahead: int = 64
     model_name: str | None = None
     tables: TablePlan | None = None     # table options; .layout is set for a table output
+    shard: Shard | None = None         # --shard I/N: only the ids of this shard
 
 
 @dataclass
@@ -59,14 +63,18 @@ class _Pending:
 
 
 class BatchRun:
-    def __init__(self, engine: Engine, tokenizer, opts: RunOptions, err: Console) -> None:
+    def __init__(self, engine: Engine | None, tokenizer, opts: RunOptions, err: Console,
+                 backend: Backend | None = None) -> None:
+        # backend None: a local Driver over ``engine``; else e.g. a RayPool (``engine`` unused).
         self.engine, self.tokenizer, self.opts, self.err = engine, tokenizer, opts, err
+        self.backend = backend
         self.failed = 0
         self.written = 0
         self.not_started = 0
         self.pending: dict[str, _Pending] = {}
         # In flight beyond the engine's slots so a freed slot is refilled at the very next step.
-        self.max_in_flight = engine.config.max_num_seqs + max(8, engine.config.max_num_seqs // 4)
+        self.max_in_flight = (backend.max_in_flight if backend is not None else
+                              engine.config.max_num_seqs + max(8, engine.config.max_num_seqs // 4))
         self.reorder: ReorderBuffer | None = (
             ReorderBuffer(limit=self.max_in_flight + opts.read_ahead) if opts.order == "input" else None)
 
@@ -124,7 +132,7 @@ class BatchRun:
             self.err.print(f"resume: {len(done.done_ids)} ids already in {opts.output}, skipping them",
                            highlight=False)
         parser = LineParser(opts.defaults, system=opts.system, skip_ids=done.done_ids if done else (),
-                            sources=source_names(opts.inputs))
+                            sources=source_names(opts.inputs), shard=opts.shard)
         prefetch = Prefetcher(read_inputs(opts.inputs, parser, opts.tables and opts.tables.spec),
                               maxsize=opts.read_ahead)
         out_cm = (TableOutput(opts.output, opts.fmt, table_out, opts.inputs, resume=opts.resume,
@@ -132,8 +140,8 @@ class BatchRun:
                   open(opts.output, "a" if opts.resume else "w", encoding="utf-8")
                   if opts.output else nullcontext(sys.stdout))
         show = opts.progress if opts.progress is not None else (self.err.is_terminal and not opts.quiet)
-        view = ProgressView(self.engine)
-        driver = Driver(self.engine)
+        view = self.backend.progress_view() if self.backend is not None else ProgressView(self.engine)
+        driver = self.backend if self.backend is not None else Driver(self.engine)
         input_done = read_failed = False
         with out_cm as stream, StopSignals() as sig, driver:
             writer = make_writer(opts.fmt, stream)
@@ -175,6 +183,13 @@ class BatchRun:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())
                 return 0
+            except BackendLost as e:
+                # Written records stay; in-flight ones get none, so --resume redoes them.
+                self.err.print(f"[bold red]error:[/] {escape(str(e))}; {len(self.pending)} inputs in flight have no record "
+                               "(run again with --resume to finish the job)", highlight=False, soft_wrap=True)
+                self.failed += 1
+                self.pending.clear()
+                read_failed = True   # not complete: a table output keeps its parts for --resume
             finally:
                 prefetch.close()
             if self.reorder is not None:
@@ -208,6 +223,13 @@ class BatchRun:
         for ev in events:
             if isinstance(ev, EngineFailed):
                 raise ev.error
+            if isinstance(ev, Notice):
+                self.err.print(f"[yellow]warning:[/] {escape(ev.message)}", highlight=False, soft_wrap=True)
+                continue
+            if isinstance(ev, Rejected):
+                p = self.pending.pop(ev.request_id)
+                self._reject(writer, p.record, f"line {p.record.line_no}: {ev.message}", p.ticket, view)
+                continue
             view.observe(ev)
             if not ev.finished:
                 continue

@@ -318,11 +318,13 @@ class LineParser:
     (resume is by id). Records and errors whose id is in ``skip_ids``
     (already in the output) are counted in ``skipped`` and dropped; they
     still count as seen for duplicates.
+    With ``shard`` (``--shard I/N``, ``cbgen.io.shard``) only ids of that shard
+    are returned; every line is still parsed, so duplicates are found as in one run.
     """
 
     def __init__(self, defaults: SamplingParams, *, system: str | None = None,
-                 skip_ids: Collection[str] = (), sources: Collection[str] = ()) -> None:
-        self.defaults, self.system, self.skip_ids = defaults, system, skip_ids
+                 skip_ids: Collection[str] = (), sources: Collection[str] = (), shard=None) -> None:
+        self.defaults, self.system, self.skip_ids, self.shard = defaults, system, skip_ids, shard
         self.sources = set(sources)
         self.seen: dict[str, str] = {}  # id -> where it was first seen
         self.skipped = 0
@@ -359,6 +361,8 @@ class LineParser:
             r = InputError(rid, line_no, "id", f"{loc}: field 'id': duplicate id {_show(r.id)} "
                                                f"(first on {self.seen[r.id]})", r.extra)
         self.seen[r.id] = loc
+        if self.shard is not None and not self.shard.owns(r.id):
+            return None
         if r.id in self.skip_ids:
             self.skipped += 1
             return None
