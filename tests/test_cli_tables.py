@@ -67,9 +67,9 @@ def test_bad_rows_become_error_rows_and_others_complete(tmp_path, base_args):
     assert r.exit_code == 1  # some rows failed
     from pyarrow import csv
     t = csv.read_csv(out).to_pylist()
-    assert [row["id"] for row in t] == ["a", "b", "c", "4", "e"]  # the bad row has no cells: its row number
+    assert [row["id"] for row in t] == ["a", "b", "c", "in.csv:4", "e"]  # the bad row has no cells: its default id
     errors = {row["line"]: row["error"] for row in t if row["finish_reason"] == "error"}
-    assert errors == {2: "row 2: column 'text' is null", 4: "row 4: expected 3 cells, got 2"}
+    assert errors == {2: "in.csv row 2: column 'text' is null", 4: "in.csv row 4: expected 3 cells, got 2"}
     assert "row 2: column 'text' is null" in r.stderr
     assert all(row["text"] is not None for row in t if row["line"] in (1, 3, 5))
 
@@ -130,8 +130,9 @@ def test_two_shards_into_one_output_keep_source_and_order(tmp_path, base_args):
     r = _run([a, b, "--template", "{question}", "-o", out, *base_args])
     assert r.exit_code == 0, r.stderr
     t = pq.read_table(out)
-    assert t.column("source").to_pylist() == [a] * 3 + [b] * 4
-    assert t.column("id").to_pylist() == [f"{a}:{i}" for i in (1, 2, 3)] + [f"{b}:{i}" for i in (1, 2, 3, 4)]
+    assert t.column("source").to_pylist() == ["a.parquet"] * 3 + ["b.parquet"] * 4   # base names, as in ids
+    assert t.column("id").to_pylist() == ([f"a.parquet:{i}" for i in (1, 2, 3)]
+                                          + [f"b.parquet:{i}" for i in (1, 2, 3, 4)])
 
 
 def test_validate_checks_table_rows_without_generating(tmp_path, base_args):
@@ -139,7 +140,7 @@ def test_validate_checks_table_rows_without_generating(tmp_path, base_args):
     src.write_text('id,text\n1,fine\n2,""\n3,\n', encoding="utf-8")  # row 2: an empty string; row 3: a null cell
     r = _run([str(src), "--template", "Say {text}", "--validate", *base_args])
     assert r.exit_code == 1
-    assert "invalid: row 3: column 'text' is null" in r.stderr and "validate: 2 valid, 1 invalid" in r.stderr
+    assert "invalid: in.csv row 3: column 'text' is null" in r.stderr and "validate: 2 valid, 1 invalid" in r.stderr
 
 
 @pytest.mark.e2e

@@ -59,7 +59,7 @@ def test_dry_run_reports_counts_longest_and_eta_without_generating(tmp_path, tin
     r = CliRunner().invoke(app, ["run", src, "--dry-run", "-o", str(out), "--model", str(tiny_model_dir),
                                  "--dtype", "float32", "--max-num-seqs", "8"], catch_exceptions=False)
     assert r.exit_code == 1  # one invalid line, as --validate
-    assert "invalid: line 21: field 'prompt'" in r.stderr
+    assert "invalid: in.jsonl line 21: field 'prompt'" in r.stderr
     assert not out.exists() and "{" not in r.stdout          # nothing generated, no records
     assert "dry run: 21 inputs, 20 valid, 1 invalid" in r.stdout
     assert re.search(r"prompt tokens: [\d,]+ in total", r.stdout)

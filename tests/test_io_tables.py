@@ -155,7 +155,7 @@ def test_template_rows_become_chat_records_with_their_row(tmp_path):
     rec = items[1]
     assert isinstance(rec, InputRecord) and rec.kind == "text" and rec.params.max_new_tokens == 5
     assert rec.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say text 1"}]
-    assert rec.extra["row"] == TableRow(None, {"id": "r1", "text": "text 1", "n": 1})
+    assert rec.extra["row"] == TableRow("t.parquet", {"id": "r1", "text": "text 1", "n": 1})
 
 
 def test_prompt_and_messages_columns(tmp_path):
@@ -165,13 +165,13 @@ def test_prompt_and_messages_columns(tmp_path):
     pq.write_table(t, path)
     raw = _items([path], TableSpec(prompt_column="prompt"))
     assert raw[0].kind == "prompt" and raw[0].prompt == "Once" and raw[0].messages is None
-    assert isinstance(raw[1], InputError) and raw[1].message == "row 2: column 'prompt': expected a string, got null"
+    assert isinstance(raw[1], InputError) and raw[1].message == "c.parquet row 2: column 'prompt': expected a string, got null"
     # Default: the messages column (a list of structs), then --system is added.
     msgs = _items([path], TableSpec(), system="S")
     assert msgs[0].kind == "messages" and msgs[0].messages == [{"role": "system", "content": "S"}, *chat]
     js = _items([path], TableSpec(messages_column="json"))
     assert js[0].messages == chat
-    assert isinstance(js[1], InputError) and js[1].message.startswith("row 2: column 'json': invalid JSON")
+    assert isinstance(js[1], InputError) and js[1].message.startswith("c.parquet row 2: column 'json': invalid JSON")
 
 
 def test_bad_rows_are_error_items_and_keep_their_cells(tmp_path):
@@ -180,9 +180,9 @@ def test_bad_rows_are_error_items_and_keep_their_cells(tmp_path):
     pq.write_table(t, path)
     items = _items([path], TableSpec(PromptTemplate("{text}"), id_column="id"))
     assert isinstance(items[0], InputRecord)
-    assert items[1].message == "row 2: column 'id': expected a non-empty string or an integer, got null"
-    assert items[1].id == "2"
-    assert items[2].message == "row 3: field 'id': duplicate id \"a\" (first on row 1)"
+    assert items[1].message == "t.parquet row 2: column 'id': expected a non-empty string or an integer, got null"
+    assert items[1].id == "t.parquet:2"
+    assert items[2].message == "t.parquet row 3: field 'id': duplicate id \"a\" (first on t.parquet row 1)"
     assert items[3].message == "row 4: column 'text' is null" and items[3].id == "d"
     assert items[3].extra["row"].columns == {"id": "d", "text": None}
 
@@ -203,7 +203,7 @@ def test_mixed_sources_resume_skips_and_prefix_ids(tmp_path):
     path = _parquet(tmp_path, rows=3)
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text("hello\nworld\n")
-    items = _items([str(jsonl), path], TableSpec(PromptTemplate("{text}")), skip_ids={f"{path}:2"})
-    assert [i.id for i in items] == [f"{jsonl}:1", f"{jsonl}:2", f"{path}:1", f"{path}:3"]
-    assert items[0].extra["row"] == TableRow(str(jsonl), {})
-    assert items[3].extra["row"].source == path
+    items = _items([str(jsonl), path], TableSpec(PromptTemplate("{text}")), skip_ids={"t.parquet:2"})
+    assert [i.id for i in items] == ["a.jsonl:1", "a.jsonl:2", "t.parquet:1", "t.parquet:3"]   # base names
+    assert items[0].extra["row"] == TableRow("a.jsonl", {})
+    assert items[3].extra["row"].source == "t.parquet"

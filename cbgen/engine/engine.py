@@ -184,15 +184,19 @@ class Engine:
         return out
 
     def _attach_logprobs(self, out: RequestOutput, req: Request, detok: Detokenizer) -> None:
-        """Decode the finished request's logprobs: an entry per output token with text in
-        ``out.text`` (so stop-string cuts and a trailing EOS drop theirs), and the prompt's."""
+        """Decode the finished request's logprobs and the prompt's. A request that stopped
+        (EOS, stop string, stop id) has an entry per output token with text in ``out.text``,
+        so a cut stop string and a trailing EOS drop theirs; one cut by length or abort keeps
+        every token, including those of a character cut short (dropped from the text, shown
+        in ``bytes``)."""
         if req.logprobs is None and req.prompt_logprobs is None:
             return
         if self._token_bytes is None:
             self._token_bytes = TokenBytes(self.tokenizer)
         tb = self._token_bytes
         if req.logprobs is not None:
-            kept = detok.num_tokens_in(len(out.text))
+            kept = (detok.num_tokens_in(len(out.text)) if req.finish_reason is FinishReason.STOP
+                    else len(req.logprobs))
             out.logprobs = tb.positions(req.logprobs[:kept], detok.offsets[:kept])  # type: ignore[assignment]
         if req.prompt_logprobs is not None:
             out.prompt_logprobs = tb.positions(req.prompt_logprobs)

@@ -102,7 +102,7 @@ class PipedChat:
 
     def _line(self, ln: Line) -> None:
         s = self.session
-        error = _not_text(ln.text)
+        error = ln.problem or _not_text(ln.text)   # the reader's verdict on the bytes first
         if error is not None:   # never generate from mis-decoded bytes
             shown = ln.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").replace("\0", "")
             seq = s.reject(shown, error, line=ln.line_no)
