@@ -183,7 +183,7 @@ def test_bad_rows_are_error_items_and_keep_their_cells(tmp_path):
     assert items[1].message == "t.parquet row 2: column 'id': expected a non-empty string or an integer, got null"
     assert items[1].id == "t.parquet:2"
     assert items[2].message == "t.parquet row 3: field 'id': duplicate id \"a\" (first on t.parquet row 1)"
-    assert items[3].message == "row 4: column 'text' is null" and items[3].id == "d"
+    assert items[3].message == "t.parquet row 4: column 'text' is null" and items[3].id == "d"
     assert items[3].extra["row"].columns == {"id": "d", "text": None}
 
 
