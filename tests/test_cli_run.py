@@ -222,6 +222,7 @@ def test_first_ctrl_c_finishes_running_second_aborts(tmp_path, base_args):
     err = err.decode()
     assert "stopping" in err and "aborting" in err, err
     assert "Traceback" not in err
+    assert p.returncode == 130, "an interrupted job exits 130, so a script can tell it is incomplete"
     # The running ones are written with their partial text; the queued ones, never
     # started, get no record (so --resume does them) and stderr says so.
     assert [r["finish_reason"] for r in recs] == ["abort"] * 3

@@ -386,3 +386,19 @@ def test_greedy_matches_hf_generate_with_requests_joining_and_leaving(sharp, tok
         assert o.token_ids == e, f"prompt {i}"
         # a character cut short by max_new_tokens is dropped, not shown as U+FFFD
         assert o.text == tok.decode(e, skip_special_tokens=True).removesuffix("\ufffd")
+
+
+def test_stop_string_completed_by_the_last_allowed_token_is_a_stop(sharp, tok):
+    """The reviewer's case: max_new_tokens=k and a stop string ending in token k gave 'length'."""
+    p = tok.encode(TEXTS[0])
+    base = engine(sharp).generate([p], greedy(8))[0]
+    k = next((k for k in range(2, 8) if len(tok.decode(base.token_ids[k - 1:k]).strip()) >= 2), None)
+    if k is None:
+        pytest.skip("no token with visible text to stop on in the greedy output")
+    stop = tok.decode(base.token_ids[k - 1:k]).strip()
+    prefix = tok.decode(base.token_ids[:k])
+    if prefix.find(stop) != len(prefix.rstrip()) - len(stop):
+        pytest.skip("the stop text occurs earlier in the output")
+    o = engine(sharp).generate([p], greedy(k, stop=[stop]))[0]
+    assert (o.finish_reason, o.stop_reason) == (FinishReason.STOP, stop)
+    assert stop not in o.text

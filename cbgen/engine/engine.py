@@ -170,6 +170,10 @@ class Engine:
             stop = detok.add(new_ids)
             if stop is not None and not req.is_finished:
                 self.scheduler.finish(req, FinishReason.STOP, stop)
+            elif stop is not None and req.finish_reason is FinishReason.LENGTH:
+                # The last allowed token completed a stop string: the text is cut there, so it
+                # is a stop, not a length cut (vLLM checks stop strings before the length).
+                req.finish_reason, req.stop_reason = FinishReason.STOP, stop
         if req.is_finished and req.stop_reason not in req.params.stop:
             detok.finish_text()
         delta = detok.delta(req.is_finished)

@@ -207,6 +207,10 @@ class BatchRun:
                            "(run again with --resume to do them)", highlight=False)
         if not opts.quiet:
             self.err.print(view.summary(), highlight=False)
+        # Interrupted before the job was whole (input left unread, inputs never started, or
+        # running ones aborted): 130, the shell's code for SIGINT, so a script can tell.
+        if sig.abort or (sig.stop_admitting and not input_done) or self.not_started:
+            return 130
         return 1 if self.failed else 0
 
     def _drain(self, driver: Driver, writer: Writer, view: ProgressView, timeout: float) -> None:

@@ -20,7 +20,7 @@ from typing import BinaryIO, NamedTuple
 from cbgen.config import SamplingParams
 from cbgen.io.reader import iter_lines
 from cbgen.io.records import LineParser
-from cbgen.io.resume import _record_id as record_id
+from cbgen.io.resume import record_key
 
 NO_LINE = float("inf")
 
@@ -81,7 +81,8 @@ def _index(files: list[BinaryIO], names: list[str], order: dict[str, int] | None
                 report.incomplete.append(f"{names[fi]}: half-written last line {line_no} skipped")
                 break
             if raw.strip():
-                rid = record_id(raw)
+                key_final = record_key(raw)
+                rid = key_final[0] if key_final is not None else None
                 if rid is None:
                     raise MergeError(f"{names[fi]} line {line_no}: not a cbgen or OpenAI output record "
                                      "(no 'id' / 'custom_id')")

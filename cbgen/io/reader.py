@@ -36,7 +36,8 @@ def source_names(sources: list[str]) -> list[str]:
     (``data/in.jsonl`` -> ``in.jsonl``, so ids do not change with the working
     directory), or the path as given when two inputs share a base name;
     ``stdin`` for ``-``."""
-    base = ["stdin" if s == "-" else os.path.basename(s) for s in sources]
+    # normpath: "ds_dir/" (a shell's completion of a dataset directory) is named "ds_dir".
+    base = ["stdin" if s == "-" else os.path.basename(os.path.normpath(s)) for s in sources]
     return [b if base.count(b) == 1 or s == "-" else s for s, b in zip(sources, base)]
 
 
@@ -112,10 +113,26 @@ def iter_lines(sources: list[str], stdin: BinaryIO | None = None) -> Iterator[Li
         yield from source_lines(src, name, stdin)
 
 
+def _stdin_bytes() -> BinaryIO:
+    """The process's stdin as unbuffered bytes where it has a file descriptor.
+
+    Why raw: the Prefetcher reads on a daemon thread that may still be blocked in
+    a read when the process exits (Ctrl-C with the writer of a pipe still open). A
+    daemon thread inside ``sys.stdin.buffer`` holds its lock, and CPython aborts at
+    shutdown ("could not acquire lock for <_io.BufferedReader name='<stdin>'>");
+    a raw ``FileIO`` read has no Python-level lock. ``read(n)`` on it returns what
+    has arrived, one system call, so lines still stream as they come.
+    """
+    try:
+        return open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+    except (AttributeError, OSError, ValueError):   # no descriptor (a test's stand-in)
+        return getattr(sys.stdin, "buffer", sys.stdin)
+
+
 def source_lines(src: str, name: str, stdin: BinaryIO | None = None) -> Iterator[Line]:
     """Lines of the one source ``src`` (``-``: stdin), named ``name`` in ids and messages."""
     if src == "-":
-        yield from _lines(name, stdin or getattr(sys.stdin, "buffer", sys.stdin))
+        yield from _lines(name, stdin or _stdin_bytes())
     else:
         with open(src, "rb") as f:
             yield from _lines(name, f)

@@ -43,7 +43,7 @@ class _Entry(NamedTuple):
     raw: bytes
 
 
-def _parse(raw: bytes) -> tuple[str, bool] | None:
+def record_key(raw: bytes) -> tuple[str, bool] | None:
     """(id, final) of an output line, or None when it is not a record."""
     try:
         obj = json.loads(raw)
@@ -71,7 +71,7 @@ def _entries(path: str | os.PathLike, f) -> Iterator[_Entry]:
         start, pos = pos, pos + len(raw)
         if not raw.strip():
             continue
-        got = _parse(raw)
+        got = record_key(raw)
         if got is None:
             raise ResumeError(f"{os.fspath(path)} line {line_no}: not a cbgen or OpenAI output record "
                               "(no 'id' / 'custom_id'); refusing to resume into it")

@@ -75,9 +75,9 @@ class PromptTemplate:
         env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
         try:
             ast = env.parse(self.text)
-        except jinja2.TemplateSyntaxError as e:
+            self._jinja = env.from_string(ast)   # compiling finds unknown filters and tests
+        except jinja2.TemplateSyntaxError as e:   # TemplateAssertionError ("No filter named ...") too
             raise TemplateError(f"template line {e.lineno}: {e.message}") from None
-        self._jinja = env.from_string(ast)
         # find_undeclared_variables is a set: keep the template's own order for messages.
         names = meta.find_undeclared_variables(ast) - set(env.globals)  # range, dict, namespace, ...
         first = {n: m.start() if (m := re.search(rf"\b{re.escape(n)}\b", self.text)) else 0 for n in names}
