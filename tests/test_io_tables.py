@@ -207,3 +207,12 @@ def test_mixed_sources_resume_skips_and_prefix_ids(tmp_path):
     assert [i.id for i in items] == ["a.jsonl:1", "a.jsonl:2", "t.parquet:1", "t.parquet:3"]   # base names
     assert items[0].extra["row"] == TableRow("a.jsonl", {})
     assert items[3].extra["row"].source == "t.parquet"
+
+
+def test_csv_cell_that_is_not_utf8_is_an_error_for_its_row_only(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes(b"text,n\ncaf\xe9,1\nok,2\n")
+    rows = list(iter_rows(str(path)))
+    assert rows[0].values is None and rows[0].problem == \
+        "column 'text': invalid UTF-8: byte 0xe9 at offset 3 in the cell (expected UTF-8 text)"
+    assert rows[1] == (2, {"text": "ok", "n": "2"}, None)

@@ -58,16 +58,30 @@ def _load_dataset(path: str):
 
 
 def _csv_options(kind: str, names: list[str] | None = None, on_bad=None):
+    """Cells are read as bytes (``pa.binary``) and decoded per row in ``iter_rows``, so
+    one cell that is not UTF-8 is an error for its row, not for the file."""
     import pyarrow as pa
     from pyarrow import csv
 
     read = csv.ReadOptions(use_threads=False, block_size=1 << 20)  # serial: bad-row numbers are known
     parse = csv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True,
                              invalid_row_handler=on_bad)
-    types = {n: pa.string() for n in names or ()}
+    types = {n: pa.binary() for n in names or ()}
     convert = csv.ConvertOptions(column_types=types, strings_can_be_null=True, null_values=[""],
-                                 quoted_strings_can_be_null=False)
+                                 quoted_strings_can_be_null=False, check_utf8=False)
     return read, parse, convert
+
+
+def _decode_cells(values: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """A CSV row's byte cells as text, or (None, why) naming the first cell that is not UTF-8."""
+    out = {}
+    for name, v in values.items():
+        try:
+            out[name] = v.decode("utf-8") if isinstance(v, bytes) else v
+        except UnicodeDecodeError as e:
+            return None, (f"column {name!r}: invalid UTF-8: byte 0x{v[e.start]:02x} at offset {e.start} "
+                          "in the cell (expected UTF-8 text)")
+    return out, None
 
 
 def read_schema(path: str):
@@ -89,8 +103,8 @@ def read_schema(path: str):
             schema = _load_dataset(path).data.schema
         else:
             raise TableError(f"{path}: not a table (expected .parquet, .csv, .tsv or a datasets directory)")
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise TableError(f"{path}: cannot read it as {kind}: {e}") from None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError) as e:
+        raise TableError(f"{path}: cannot read it as {kind}: {e} (tables are read as UTF-8)") from None
     dup = sorted({n for n in schema.names if schema.names.count(n) > 1})
     if dup:
         raise TableError(f"{path}: column {dup[0]!r} appears more than once")
@@ -133,7 +147,11 @@ def iter_rows(path: str) -> Iterator[Row]:
                 while bad and bad[0][0] == row_no:
                     yield Row(row_no, None, bad.pop(0)[1])
                     row_no += 1
-                yield Row(row_no, values)
+                if kind in ("csv", "tsv"):
+                    text, why = _decode_cells(values)
+                    yield Row(row_no, text, why) if why is None else Row(row_no, None, why)
+                else:
+                    yield Row(row_no, values)
         for n, why in bad:
             yield Row(n, None, why)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
