@@ -153,3 +153,12 @@ def test_embedded_model_answers_from_a_csv_template(tmp_path, embedded_model):
     t = pq.read_table(out).to_pylist()
     assert [row["country"] for row in t] == ["France", "Japan"]
     assert "Paris" in t[0]["text"] and "Tokyo" in t[1]["text"]
+
+
+def test_header_only_csv_gives_an_empty_table_with_the_schema(tmp_path, base_args):
+    src, out = tmp_path / "hdr.csv", str(tmp_path / "out.parquet")
+    src.write_text("text\n")
+    r = _run([str(src), "--template", "{text}", "-o", out, *base_args])
+    assert r.exit_code == 0, r.stderr
+    t = pq.read_table(out)
+    assert t.num_rows == 0 and {"input_text", "id", "text", "finish_reason", "error"} <= set(t.schema.names)

@@ -203,8 +203,8 @@ class TableOutput:
         self.flush()
         self.finished = True
         runs = self.parts.runs()
-        if runs:
-            self._assemble(runs)
+        if runs or (complete and not os.path.exists(self.path)):
+            self._assemble(runs)   # no rows at all (a header-only CSV): an empty table with the schema
         if complete or not runs:
             self.parts.remove()
 
