@@ -74,6 +74,15 @@ def _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penal
         fail(f"option {e}")
 
 
+def _structured(json_mode: bool, json_schema: str | None, regex: str | None, choice: str | None,
+                grammar: str | None):
+    from .io.structured_fields import from_options
+    try:
+        return from_options(json_mode, json_schema, regex, choice, grammar)
+    except ValueError as e:
+        fail(str(e))
+
+
 @app.command()
 def run(
     inputs: list[str] = typer.Argument(..., help="Input files; '-' reads stdin as a stream."),
@@ -96,6 +105,11 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     samples: int = typer.Option(1, "--samples", help="Samples per prompt (n)."),
+    json_mode: bool = typer.Option(False, "--json", help="Constrain outputs to a JSON object (needs cbgen[structured])."),
+    json_schema: Optional[str] = typer.Option(None, "--json-schema", help="Constrain outputs to this JSON schema file."),
+    regex: Optional[str] = typer.Option(None, "--regex", help="Constrain outputs to match this regex."),
+    choice: Optional[str] = typer.Option(None, "--choice", help="Constrain outputs to one of these labels: a,b,c."),
+    grammar: Optional[str] = typer.Option(None, "--grammar", help="Constrain outputs to this Lark (or GBNF) grammar file."),
     max_num_seqs: int = typer.Option(EngineConfig.max_num_seqs, "--max-num-seqs",
                                       help="Sequences decoding at once."),
     max_batched_tokens: int = typer.Option(EngineConfig.max_num_batched_tokens, "--max-batched-tokens",
@@ -123,14 +137,21 @@ def run(
         if path != "-" and not os.path.isfile(path):
             fail(f"input {path!r}: no such file")
     defaults = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, samples)
+    structured = _structured(json_mode, json_schema, regex, choice, grammar)
     cfg = _engine_config(max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention)
     loaded = _load(model, dtype, threads)
     if validate:
         from .frontends.validate import validate_inputs
         raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err))
     engine = _engine(loaded, cfg)
+    if structured is not None:
+        try:  # a bad default would fail every line: say so once, before the run
+            engine.grammars.compile(structured)
+        except ValueError as e:
+            fail(str(e).replace("field '", "option '", 1))
     opts = RunOptions(inputs=inputs, output=output, fmt=fmt, order=order, resume=resume, system=system,
-                      defaults=defaults, quiet=quiet, progress=progress, model_name=loaded.name)
+                      defaults=defaults, quiet=quiet, progress=progress, model_name=loaded.name,
+                      structured=structured)
     code = BatchRun(engine, loaded.tokenizer, opts, err).run()
     raise typer.Exit(code)
 

@@ -100,3 +100,6 @@ class RequestOutput:
     logprobs: list[float] | None = None        # per generated token, when asked
     stop_reason: str | int | None = None       # the stop string / token id that matched
     extra: dict = field(default_factory=dict)  # front-end data passed through add_request
+    # Constrained output, on the last output: the text is a complete match of the grammar
+    # (not cut by max_new_tokens, a stop string or an abort). None when unconstrained.
+    structured_complete: bool | None = None

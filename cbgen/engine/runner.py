@@ -8,6 +8,7 @@ request (no padding; positions per token) -> logits at each sampling position
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from . import fused_ops, paged_kernel
 from . import attention
 from .attention import PagedBatch, PrefillChunk
 from .llama import LlamaForward, NativeLlama, head_dim_of
-from .sampler import SampleResult, sample
+from .sampler import GrammarMasks, SampleResult, sample
 from .scheduler import SchedulerOutput
 
 # Architectures whose transformers definition routes attention through
@@ -119,6 +120,7 @@ class ModelRunner:
             k[self.null_block].zero_()
             v[self.null_block * bs:].zero_()
         self.num_forward_tokens = 0   # every token ever forwarded (the no-recompute check counts these)
+        self.mask_worker = None       # structured.BitmaskWorker, made for the first constrained step
 
     def _pick_forward(self, cfg: EngineConfig) -> LlamaForward | None:
         if cfg.model_impl == "transformers":
@@ -189,18 +191,43 @@ class ModelRunner:
         return (torch.tensor(ids, device=dev).unsqueeze(0), torch.tensor(pos, device=dev).unsqueeze(0),
                 torch.tensor(keep, dtype=torch.long, device=dev), batch)
 
+    def _start_masks(self, samplers: list) -> tuple[GrammarMasks, object] | None:
+        """Start filling the grammar bitmasks of this step's constrained rows on the
+        mask worker; they overlap the forward (the matchers hold every token so far)."""
+        rows = [i for i, r in enumerate(samplers) if r.matcher is not None]
+        if not rows:
+            return None
+        if self.mask_worker is None:
+            from .structured import BitmaskWorker
+            self.mask_worker = BitmaskWorker()
+        words = -(-self.model.config.vocab_size // 32)
+        bitmask = torch.zeros((len(rows), words), dtype=torch.int32)
+        future = self.mask_worker.submit([samplers[i].matcher for i in rows], bitmask.data_ptr(),
+                                         words * 4, len(rows))
+        return GrammarMasks(rows, bitmask), future
+
+    def _masks(self, pending: tuple[GrammarMasks, object] | None) -> GrammarMasks | None:
+        if pending is None:
+            return None
+        masks, future = pending
+        t0 = time.perf_counter()
+        future.result()
+        self.mask_worker.times.wait_s += time.perf_counter() - t0
+        return masks
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> SampleResult:
         input_ids, positions, keep, batch = self._batch(out)
         self.num_forward_tokens += input_ids.shape[1]
         samplers = [s.request for s in out.scheduled if s.samples]
+        pending = self._start_masks(samplers)
         if self.native is not None:
             logits = self.native.forward(input_ids[0], positions[0], batch, keep)
             argmax = self.fused.argmax if self.fused is not None else None
-            return sample(logits, samplers, argmax) if samplers else SampleResult([], None)
+            return sample(logits, samplers, argmax, self._masks(pending)) if samplers else SampleResult([], None)
         if not samplers:
             self.model.base_model(input_ids=input_ids, position_ids=positions, use_cache=False, cbgen_batch=batch)
             return SampleResult([], None)
         logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
                             logits_to_keep=keep, cbgen_batch=batch).logits[0]
-        return sample(logits, samplers)
+        return sample(logits, samplers, masks=self._masks(pending))

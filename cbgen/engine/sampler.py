@@ -18,6 +18,27 @@ NEG_INF = float("-inf")
 
 
 @dataclass
+class GrammarMasks:
+    """Allowed-token bitmasks for the constrained rows of a step.
+
+    ``bitmask`` int32 [len(rows), ceil(V / 32)]: bit ``j`` of word ``w`` allows
+    token ``32 * w + j`` (llguidance's layout); ``rows`` index the step's sampling
+    requests."""
+    rows: list[int]
+    bitmask: torch.Tensor
+
+
+def _apply_grammar(logits: torch.Tensor, masks: GrammarMasks) -> None:
+    """Disallowed tokens -> -inf, in place, before penalties, warping and argmax,
+    so greedy and random rows alike only pick tokens the grammar allows."""
+    V = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=masks.bitmask.device)
+    allowed = ((masks.bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :V].to(logits.device, torch.bool)
+    rows = torch.tensor(masks.rows, device=logits.device)
+    logits[rows] = logits[rows].masked_fill(~allowed, NEG_INF)
+
+
+@dataclass
 class SampleResult:
     token_ids: list[int]
     logprobs: list[float] | None   # log-probability of each sampled token under the model (before warping)
@@ -93,11 +114,16 @@ def _plain_greedy(r: Request) -> bool:
 
 
 def sample(logits: torch.Tensor, reqs: list[Request],
-           argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SampleResult:
+           argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           masks: GrammarMasks | None = None) -> SampleResult:
     """``logits`` [len(reqs), V] for the requests that sample this step, in order.
 
     ``argmax``: a native ``logits.float().argmax(-1)`` for bf16 logits (fused_ops),
-    used when every row is plain greedy, the common batch-job step."""
+    used when every row is plain greedy, the common batch-job step.
+    ``masks``: grammar bitmasks of the constrained rows, applied first
+    (``logits`` is modified in place)."""
+    if masks is not None:
+        _apply_grammar(logits, masks)
     if argmax is not None and logits.dtype == torch.bfloat16 and all(_plain_greedy(r) for r in reqs):
         return SampleResult(argmax(logits.contiguous()).tolist(), None)
     logits = logits.float()

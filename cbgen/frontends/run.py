@@ -24,12 +24,14 @@ from rich.live import Live
 from ..config import SamplingParams
 from ..engine.engine import Engine
 from ..engine.outputs import FinishReason, RequestOutput
+from ..engine.structured_params import StructuredOutputsParams
 from ..io.reader import Prefetcher, read_records
 from ..io.records import InputError, InputRecord, LineParser
 from ..io.resume import load_done_ids
 from ..io.writer import OutputClosed, ReorderBuffer, Writer, error_result, make_writer, result_from_outputs
 from .driver import Driver, EngineFailed
 from .progress import ProgressView
+from .structured_summary import incomplete_warning
 from .prompting import PromptError, encode
 
 
@@ -46,6 +48,7 @@ class RunOptions:
     quiet: bool = False
     read_ahead: int = 64
     model_name: str | None = None
+    structured: StructuredOutputsParams | None = None   # default output constraint (--json, --regex, ...)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class BatchRun:
         self.failed = 0
         self.written = 0
         self.not_started = 0
+        self.incomplete: list[str] = []   # ids of constrained outputs that did not complete
         self.pending: dict[str, _Pending] = {}
         # In flight beyond the engine's slots so a freed slot is refilled at the very next step.
         self.max_in_flight = engine.config.max_num_seqs + max(8, engine.config.max_num_seqs // 4)
@@ -94,6 +98,8 @@ class BatchRun:
     # ---- output -----------------------------------------------------------
     def _emit(self, writer: Writer, rec, ticket: int | None, view: ProgressView) -> None:
         view.record_done(error=rec.finish_reason == "error")
+        if rec.structured is not None and not rec.structured["complete"]:
+            self.incomplete.append(rec.id)
         ready = [rec] if self.reorder is None or ticket is None else self.reorder.push(ticket, rec)
         for r in ready:
             if r is None:  # the slot of an input that never started
@@ -116,7 +122,7 @@ class BatchRun:
                 continue
             try:
                 ids = encode(self.tokenizer, prompt=item.prompt, messages=item.messages)
-                driver.submit(item.id, ids, item.params, extra={"line": item.line_no})
+                driver.submit(item.id, ids, item.params, extra={"line": item.line_no}, structured=item.structured)
             except (PromptError, ValueError) as e:
                 self._reject(writer, item, f"line {item.line_no}: {e}", ticket, view)
                 continue
@@ -135,7 +141,8 @@ class BatchRun:
         if done is not None and done.done_ids:
             self.err.print(f"resume: {len(done.done_ids)} ids already in {opts.output}, skipping them",
                            highlight=False)
-        parser = LineParser(opts.defaults, system=opts.system, skip_ids=done.done_ids if done else ())
+        parser = LineParser(opts.defaults, system=opts.system, skip_ids=done.done_ids if done else (),
+                            structured=opts.structured)
         prefetch = Prefetcher(read_records(opts.inputs, parser), maxsize=opts.read_ahead)
         out_cm = (open(opts.output, "a" if opts.resume else "w", encoding="utf-8")
                   if opts.output else nullcontext(sys.stdout))
@@ -194,6 +201,8 @@ class BatchRun:
                            "(run again with --resume to do them)", highlight=False)
         if not opts.quiet:
             self.err.print(view.summary(), highlight=False)
+            if self.incomplete:
+                self.err.print(incomplete_warning(self.incomplete), highlight=False, soft_wrap=True)
         return 1 if self.failed else 0
 
     def _drain(self, driver: Driver, writer: Writer, view: ProgressView, timeout: float) -> None:

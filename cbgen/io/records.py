@@ -22,6 +22,9 @@ format ``id``, ``prompt``, ``messages`` and ``metadata`` are structural; any
 other key is ignored (datasets carry extra columns) unless it looks like a typo
 of a sampling field (``temprature``), which is an error.
 
+Output constraints (``response_format``, ``regex``, ``choice``, ``grammar``)
+are parsed by ``structured_fields`` into ``InputRecord.structured``.
+
 The id is ``id`` / ``custom_id`` as a string, else the line number (``"7"``,
 or ``"a.jsonl:7"`` when several inputs are read). ``LineParser`` adds what
 needs state: duplicate ids and resume skipping.
@@ -36,11 +39,15 @@ from dataclasses import dataclass, field
 from typing import Any, Collection
 
 from cbgen.config import SamplingParams
+from cbgen.engine.structured_params import StructuredOutputsParams
+from cbgen.io.field_error import FieldError as _Bad
+from cbgen.io.field_error import show as _show
+from cbgen.io.structured_fields import CBGEN_FIELDS, parse_structured
 
 ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
 FIELDS = SamplingParams.field_names()
 KNOWN_SAMPLING = FIELDS | ALIASES.keys()
-CBGEN_KEYS = {"id", "prompt", "messages", "metadata"}
+CBGEN_KEYS = {"id", "prompt", "messages", "metadata", *CBGEN_FIELDS}
 ROLES = ("system", "user", "assistant")
 OPENAI_URLS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
 # SamplingParams' ValueError format (config._check): "<name>=<repr> is invalid: expected <allowed>".
@@ -59,6 +66,7 @@ class InputRecord:
     params: SamplingParams
     raw_format: str                    # "cbgen" | "openai"
     extra: dict[str, Any] = field(default_factory=dict)  # openai url/method/model; cbgen metadata
+    structured: StructuredOutputsParams | None = None   # the output constraint (structured_fields.py)
 
     @property
     def is_chat(self) -> bool:
@@ -76,17 +84,6 @@ class InputError:
 
     def __str__(self) -> str:
         return self.message
-
-
-class _Bad(Exception):
-    def __init__(self, field: str, what: str) -> None:
-        super().__init__(what)
-        self.field, self.what = field, what
-
-
-def _show(v: Any) -> str:
-    s = json.dumps(v, ensure_ascii=False)
-    return s if len(s) <= 40 else s[:37] + "..."
 
 
 def _text(v: Any, name: str) -> str:
@@ -168,7 +165,8 @@ def _record_id(obj: dict[str, Any], key: str) -> str:
     raise _Bad(key, f"expected a non-empty string or an integer, got {_show(v)}")
 
 
-def _cbgen(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None) -> InputRecord:
+def _cbgen(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None,
+           structured: StructuredOutputsParams | None = None) -> InputRecord:
     for key in sorted(obj.keys() - CBGEN_KEYS - KNOWN_SAMPLING):
         close = difflib.get_close_matches(key, KNOWN_SAMPLING, n=1, cutoff=0.8)
         if close:
@@ -182,10 +180,12 @@ def _cbgen(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: 
     else:
         raise _Bad("prompt", "missing: expected 'prompt' (a string) or 'messages' (a list of {role, content})")
     extra = {"metadata": obj["metadata"]} if "metadata" in obj else {}
-    return InputRecord(rid, line_no, kind, prompt, messages, _params(defaults, obj, ""), "cbgen", extra)
+    return InputRecord(rid, line_no, kind, prompt, messages, _params(defaults, obj, ""), "cbgen", extra,
+                       parse_structured(obj, "", structured, openai=False))
 
 
-def _openai(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None) -> InputRecord:
+def _openai(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None,
+            structured: StructuredOutputsParams | None = None) -> InputRecord:
     if "custom_id" not in obj:
         raise _Bad("custom_id", "missing: an OpenAI Batch line needs a 'custom_id'")
     url = obj.get("url", "/v1/chat/completions")
@@ -203,17 +203,20 @@ def _openai(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system:
     prompt = _text(body["prompt"], "body.prompt") if need == "prompt" else None
     messages = _messages(body["messages"], "body.messages", system) if need == "messages" else None
     extra = {"url": url, "method": method, "model": body.get("model")}
-    return InputRecord(rid, line_no, "openai", prompt, messages, _params(defaults, body, "body."), "openai", extra)
+    return InputRecord(rid, line_no, "openai", prompt, messages, _params(defaults, body, "body."), "openai", extra,
+                       parse_structured(body, "body.", structured, openai=True))
 
 
 def parse_line(line: str, line_no: int, defaults: SamplingParams, *, system: str | None = None,
-               source: str | None = None) -> InputRecord | InputError | None:
+               source: str | None = None, structured: StructuredOutputsParams | None = None
+               ) -> InputRecord | InputError | None:
     """Parse one line (terminator optional). Never raises for bad input: returns ``InputError``.
 
     ``None`` for a blank line. ``source`` names the input when several are read:
     it prefixes default ids (``"a.jsonl:7"``) and messages (``a.jsonl line 7``).
     Invalid UTF-8 arrives as lone surrogates (``surrogateescape``) and is an
-    ``InputError`` with field ``encoding``.
+    ``InputError`` with field ``encoding``. ``structured`` is the default
+    output constraint (a line's own constraint fields replace it).
     """
     loc = f"line {line_no}" if source is None else f"{source} line {line_no}"
     rid = str(line_no) if source is None else f"{source}:{line_no}"
@@ -223,7 +226,7 @@ def parse_line(line: str, line_no: int, defaults: SamplingParams, *, system: str
             return None
         if not line.lstrip().startswith("{"):
             return InputRecord(rid, line_no, "text", None, _with_system([{"role": "user", "content": line}], system),
-                               defaults, "cbgen")
+                               defaults, "cbgen", structured=structured)
         try:
             obj = json.loads(line)  # starts with "{", so a successful parse is a dict
         except json.JSONDecodeError as e:
@@ -234,8 +237,8 @@ def parse_line(line: str, line_no: int, defaults: SamplingParams, *, system: str
         if key is not None:
             rid = _record_id(obj, key)  # before other checks, so errors carry the line's own id
         if "custom_id" in obj or "body" in obj:
-            return _openai(obj, rid, line_no, defaults, system)
-        return _cbgen(obj, rid, line_no, defaults, system)
+            return _openai(obj, rid, line_no, defaults, system, structured)
+        return _cbgen(obj, rid, line_no, defaults, system, structured)
     except _Bad as b:
         where = "" if b.field in ("json", "encoding") else f"field '{b.field}': "
         return InputError(rid, line_no, b.field, f"{loc}: {where}{b.what}")
@@ -252,13 +255,14 @@ class LineParser:
     """
 
     def __init__(self, defaults: SamplingParams, *, system: str | None = None,
-                 skip_ids: Collection[str] = ()) -> None:
+                 skip_ids: Collection[str] = (), structured: StructuredOutputsParams | None = None) -> None:
         self.defaults, self.system, self.skip_ids = defaults, system, skip_ids
+        self.structured = structured
         self.seen: dict[str, str] = {}  # id -> where it was first seen
         self.skipped = 0
 
     def __call__(self, line: str, line_no: int, source: str | None = None) -> InputRecord | InputError | None:
-        r = parse_line(line, line_no, self.defaults, system=self.system, source=source)
+        r = parse_line(line, line_no, self.defaults, system=self.system, source=source, structured=self.structured)
         if r is None:
             return None
         loc = f"line {line_no}" if source is None else f"{source} line {line_no}"

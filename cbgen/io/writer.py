@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Generic, Sequence, TextIO, TypeVar
 
 from cbgen.engine.outputs import RequestOutput
+from cbgen.engine.structured_params import JSON_KINDS
 from cbgen.io.records import InputError, InputRecord
+from cbgen.io.structured_result import structured_fields
 
 T = TypeVar("T")
 
@@ -44,6 +46,8 @@ class ResultRecord:
     logprobs: list[float] | None = None  # sample 0, when asked
     chat: bool = True                    # OpenAI object: chat.completion vs text_completion
     messages: list[dict] | None = None   # the input, when a front-end echoes it (chat's /save)
+    structured: dict | None = None       # constrained output: {type, name?, complete} (structured_result.py)
+    parsed: Any = None                   # with a JSON constraint: the value, or None when incomplete
 
     def to_dict(self) -> dict[str, Any]:
         """The cbgen JSONL record; ``choices`` / ``logprobs`` / ``messages`` only when present."""
@@ -54,6 +58,10 @@ class ResultRecord:
         for optional in ("choices", "logprobs", "messages"):
             if d[optional] is None:
                 del d[optional]
+        if self.structured is not None:
+            d["structured"] = self.structured
+            if self.structured["type"] in JSON_KINDS:
+                d["parsed"] = self.parsed
         return d
 
 
@@ -71,8 +79,15 @@ def result_from_outputs(rec: InputRecord, outputs: Sequence[RequestOutput], mode
              "completion_tokens": sum(o.metrics.num_generated_tokens for o in outs)}
     choices = ([{"index": o.index, "text": o.text, "finish_reason": _reason(o)} for o in outs]
                if len(outs) > 1 else None)
-    return ResultRecord(rec.id, rec.line_no, first.text, _reason(first), choices, usage,
-                        last.metrics.to_dict(), rec.params.to_dict(), model, None, first.logprobs, rec.is_chat)
+    result = ResultRecord(rec.id, rec.line_no, first.text, _reason(first), choices, usage,
+                          last.metrics.to_dict(), rec.params.to_dict(), model, None, first.logprobs, rec.is_chat)
+    if rec.structured is not None:
+        result.structured, result.parsed, per_sample = structured_fields(rec.structured, outs)
+        for c, (complete, parsed) in zip(choices or [], per_sample):
+            c["complete"] = complete
+            if rec.structured.is_json:
+                c["parsed"] = parsed
+    return result
 
 
 def error_result(item: InputError | InputRecord, message: str | None = None, model: str | None = None) -> ResultRecord:
