@@ -124,9 +124,8 @@ class GrammarCache:
         for a spec the library rejects, or naming ``cbgen[structured]`` when the
         library is missing. A rejected spec is not cached (it costs one compile
         per line that repeats it, and never a wrong answer)."""
-        key = params.__class__(params.kind, params.spec)   # field/name do not change the grammar
         with self._lock:
-            hit = self._cache.get(key)
+            hit = self._cache.get(params)   # equality is (kind, spec): content, not source
             if hit is not None:
                 return hit
             try:
@@ -144,7 +143,7 @@ class GrammarCache:
                 raise ValueError(f"field '{params.field}': invalid {_WHAT[params.kind]}: "
                                  f"{one_line(matcher.get_error())}")
             compiled = CompiledGrammar(params, matcher)
-            self._cache[key] = compiled
+            self._cache[params] = compiled
             return compiled
 
 

@@ -9,7 +9,7 @@ and OpenAI's ``response_format``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # kind -> what ``spec`` holds
@@ -26,13 +26,14 @@ JSON_KINDS = frozenset({"json_object", "json_schema"})
 @dataclass(frozen=True)
 class StructuredOutputsParams:
     """One constraint. ``spec`` is normalised text (compact JSON for schemas), so
-    equal constraints compare and hash equal whatever spacing the input used.
+    equal constraints compare and hash equal whatever spacing, name or field the input used.
     Key order is kept: a schema's property order is the output's field order."""
 
     kind: str
     spec: str = ""
-    name: str | None = None      # json_schema's ``name`` (reported, not used for matching)
-    field: str = "response_format"  # the input field it came from, for error messages
+    # Not part of equality: they do not change the grammar (one compile serves all).
+    name: str | None = field(default=None, compare=False)   # json_schema's ``name``, reported in records
+    field: str = field(default="response_format", compare=False)  # the input field, for error messages
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
