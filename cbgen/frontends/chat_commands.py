@@ -13,6 +13,8 @@ from ..config import SamplingParams
 from ..io.records import ALIASES
 from ..io.writer import JsonlWriter, error_result, result_from_outputs
 from .chat_session import ChatSession, Seq
+from .chat_structured import KEYS as STRUCTURED_KEYS
+from .chat_structured import set_structured
 from .chat_view import describe, one_line
 
 HELP = """\
@@ -23,6 +25,7 @@ Up/Down and Ctrl-R search the history (kept in the cbgen cache dir); Tab complet
   /show N               the full prompt and answer of #N, so far
   /cancel N... | all    stop #N (its answer so far is kept) or every running sequence
   /set [KEY [VALUE]]    show or change a sampling default for new prompts (e.g. /set temperature 0.2)
+  /set json on|off      answer new prompts with a JSON object; /set schema FILE|off: with that JSON schema
   /system [TEXT | off]  show or set the system message of new conversations
   /thread N | off       next prompts continue #N's conversation (multi-turn); off ends it
   /save FILE            write every finished prompt's record as JSONL (the `cbgen run` format)
@@ -133,6 +136,8 @@ def _set(s: ChatSession, arg: str) -> str:
         return "  ".join(f"{k}={v!r}" for k, v in current.items() if k not in _NOT_SETTABLE)
     key, _, raw = arg.partition(" ")
     key, raw = ALIASES.get(key, key), raw.strip()
+    if key in STRUCTURED_KEYS:
+        return set_structured(s, key, raw)
     if key in _NOT_SETTABLE:
         return f"{key} cannot be set: {_NOT_SETTABLE[key]}"
     if key not in current:

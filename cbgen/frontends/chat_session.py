@@ -22,6 +22,7 @@ from ..engine.engine import SequenceProgress
 from ..engine.outputs import RequestOutput
 from ..io.records import InputRecord
 from .chat_view import Fragments, render_answer
+from ..engine.structured_params import StructuredOutputsParams
 from .driver import Driver, EngineFailed
 from .prompting import PromptError, encode
 
@@ -44,6 +45,7 @@ class Seq:
     error: str | None = None
     first_token_at: float | None = None      # our clock, for the live tok/s
     cancelled: bool = False                  # abort sent; its final output is on the way
+    structured: StructuredOutputsParams | None = None   # the output constraint when it was typed
 
     @property
     def request_id(self) -> str:
@@ -87,6 +89,7 @@ class ChatSession:
         self.busy_seconds = 0.0
         self._last_tick: float | None = None
         self.chat = bool(getattr(tokenizer, "chat_template", None))  # else raw completion prompts
+        self.structured: StructuredOutputsParams | None = None   # /set json | /set schema
 
     # ---- input ----------------------------------------------------------
     @property
@@ -111,7 +114,7 @@ class ChatSession:
         In a thread the new sequence continues the tip's conversation and
         becomes the new tip; while the tip is still answering it is held and
         sent when the tip finishes. Returns a message to show ("" if none)."""
-        seq = Seq(self.next_num, text, self.defaults, parent=self.thread)
+        seq = Seq(self.next_num, text, self.defaults, parent=self.thread, structured=self.structured)
         self.seqs[seq.num] = seq
         if self.thread is not None:
             self.thread = seq.num
@@ -130,10 +133,11 @@ class ChatSession:
         if self.chat:
             seq.messages = [*self._history(seq), {"role": "user", "content": seq.prompt}]
         seq.record = InputRecord(seq.request_id, seq.num, "messages" if self.chat else "prompt",
-                                 None if self.chat else seq.prompt, seq.messages, seq.params, "cbgen")
+                                 None if self.chat else seq.prompt, seq.messages, seq.params, "cbgen",
+                                 structured=seq.structured)
         try:
             ids = encode(self.tokenizer, prompt=seq.record.prompt, messages=seq.messages)
-            self.driver.submit(seq.request_id, ids, seq.params)
+            self.driver.submit(seq.request_id, ids, seq.params, structured=seq.structured)
         except (PromptError, ValueError) as e:
             seq.state, seq.error = "error", str(e)
             self._drop_children(seq)
