@@ -49,3 +49,16 @@ def native_or_skip(obj, what: str):
     if obj is None:
         pytest.skip(f"no C compiler: the {what} cannot be built here")
     return obj
+
+
+def run_to_end(eng, jobs) -> dict:
+    """Add ``jobs`` ((request id, prompt ids, params, structured spec or None)) to the engine
+    ``eng`` and step it to the end; the final output of every sample by (id, index)."""
+    for rid, ids, params, spec in jobs:
+        eng.add_request(rid, ids, params, structured=spec)
+    finals = {}
+    while eng.has_unfinished:
+        for o in eng.step():
+            if o.finished:
+                finals[(o.request_id, o.index)] = o
+    return finals

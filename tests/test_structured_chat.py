@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import queue
-import time
 
 import pytest
+from test_chat import pump
 
 from cbgen.config import EngineConfig, SamplingParams
 from cbgen.engine.engine import Engine
@@ -26,17 +25,6 @@ def chat(sharp):
         s.close()
 
 
-def finish(s: ChatSession, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while s.running():
-        assert time.monotonic() < deadline, "timed out waiting for the engine"
-        try:
-            s.on_event(s.driver.events.get(timeout=0.05))
-        except queue.Empty:
-            pass
-        s.tick()
-
-
 def test_set_json_and_schema_constrain_new_prompts(chat, tmp_path):
     assert chat.handle("/set json") == "json: off"
     assert chat.handle("/set json maybe") == "json: 'maybe' is not on or off"
@@ -48,7 +36,7 @@ def test_set_json_and_schema_constrain_new_prompts(chat, tmp_path):
     chat.handle("second")
     assert chat.handle("/set json off") == "output constraint off for new prompts"
     chat.handle("third")
-    finish(chat)
+    pump(chat, lambda: not chat.running())
     first, second, third = (chat.seqs[n] for n in (1, 2, 3))
     assert first.structured.kind == "json_object" and first.text.startswith("{")
     assert second.structured.kind == "json_schema" and second.text.startswith('{"mood": "')

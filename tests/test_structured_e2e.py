@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import run_to_end
 from typer.testing import CliRunner
 
 from cbgen.cli import app
@@ -48,14 +49,7 @@ def _chat(loaded, text: str) -> list[int]:
 
 
 def _finals(eng: Engine, jobs) -> dict[str, object]:
-    for rid, ids, params, spec in jobs:
-        eng.add_request(rid, ids, params, structured=spec)
-    finals = {}
-    while eng.has_unfinished:
-        for o in eng.step():
-            if o.finished:
-                finals[o.request_id] = o
-    return finals
+    return {rid: o for (rid, _), o in run_to_end(eng, jobs).items()}
 
 
 def test_extraction_outputs_that_stop_validate_against_their_schema(tmp_path, embedded_model):

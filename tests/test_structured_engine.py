@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+from helpers import run_to_end as run
 
 from cbgen.config import EngineConfig, SamplingParams
 from cbgen.engine.engine import Engine
@@ -48,18 +49,6 @@ def watch_matchers(eng: Engine) -> list[int]:
 
     eng.scheduler.update = checked
     return steps
-
-
-def run(eng: Engine, jobs) -> dict[tuple[str, int], object]:
-    """``jobs``: (id, prompt ids, params, spec); returns the final output of every sample."""
-    for rid, ids, params, spec in jobs:
-        eng.add_request(rid, ids, params, structured=spec)
-    finals = {}
-    while eng.has_unfinished:
-        for o in eng.step():
-            if o.finished:
-                finals[(o.request_id, o.index)] = o
-    return finals
 
 
 def jobs_mixed(tok, n_tokens=24):
