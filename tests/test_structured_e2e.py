@@ -39,8 +39,16 @@ def _dev_prompts() -> Path:
 
 
 @pytest.fixture(scope="module")
-def eng(embedded_model):
-    return Engine.from_loaded(embedded_model, EngineConfig(max_num_seqs=32))
+def loaded(embedded_model):
+    """The embedded model as `cbgen run` loads it (native forward where supported), float32."""
+    from cbgen.config import ModelConfig
+    from cbgen.models import load_model
+    return load_model(ModelConfig(dtype="float32"))
+
+
+@pytest.fixture(scope="module")
+def eng(loaded):
+    return Engine.from_loaded(loaded, EngineConfig(max_num_seqs=32))
 
 
 def _chat(loaded, text: str) -> list[int]:
@@ -78,13 +86,13 @@ def test_extraction_outputs_that_stop_validate_against_their_schema(tmp_path, em
         assert f"warning: {len(cut)} constrained" in r.stderr
 
 
-def test_free_lines_are_token_identical_without_the_constrained_lines(eng, embedded_model):
+def test_free_lines_are_token_identical_without_the_constrained_lines(eng, loaded):
     texts = ["Name three fruits.", "What is the capital of France?", "Write a haiku about rain.",
              "Explain gravity in one sentence.", "Give me a tip for sleeping better.", "What is 12 times 7?"]
     schema = _extraction().SCHEMA
-    free = [(f"free{i}", _chat(embedded_model, t), SamplingParams(max_new_tokens=32), None)
+    free = [(f"free{i}", _chat(loaded, t), SamplingParams(max_new_tokens=24), None)
             for i, t in enumerate(texts)]
-    constrained = [(f"json{i}", _chat(embedded_model, f"Return JSON about: {t}"), SamplingParams(max_new_tokens=32),
+    constrained = [(f"json{i}", _chat(loaded, f"Return JSON about: {t}"), SamplingParams(max_new_tokens=24),
                     S.json_schema(schema)) for i, t in enumerate(texts)]
     alone = _finals(eng, free)
     mixed = _finals(eng, [x for pair in zip(constrained, free) for x in pair])
@@ -93,27 +101,27 @@ def test_free_lines_are_token_identical_without_the_constrained_lines(eng, embed
     assert all(mixed[f"json{i}"].text.startswith('{"title": ') for i in range(len(texts)))
 
 
-def test_regex_iso_date(eng, embedded_model):
+def test_regex_iso_date(eng, loaded):
     iso = r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
-    o = _finals(eng, [("date", _chat(embedded_model, "When did Apollo 11 land on the Moon? Answer with the date."),
+    o = _finals(eng, [("date", _chat(loaded, "When did Apollo 11 land on the Moon? Answer with the date."),
                        SamplingParams(max_new_tokens=16), S("regex", iso))])["date"]
     assert re.fullmatch(iso, o.text) and o.finish_reason is FinishReason.STOP and o.structured_complete
 
 
-def test_choice_label_set(eng, embedded_model):
+def test_choice_label_set(eng, loaded):
     labels = ["positive", "neutral", "negative"]
     reviews = {"good": "I absolutely love this phone, it is fantastic!",
                "bad": "This was the worst meal I have ever had. Terrible."}
-    outs = _finals(eng, [(k, _chat(embedded_model, f"Classify the sentiment of this review: {v}"),
+    outs = _finals(eng, [(k, _chat(loaded, f"Classify the sentiment of this review: {v}"),
                           SamplingParams(max_new_tokens=8), S.choice(labels)) for k, v in reviews.items()])
     for o in outs.values():
         assert o.text in labels and o.finish_reason is FinishReason.STOP and o.structured_complete
     assert outs["good"].text == "positive"
 
 
-def test_small_lark_grammar(eng, embedded_model):
+def test_small_lark_grammar(eng, loaded):
     grammar = 'start: answer ", because " REASON\nanswer: "yes" | "no"\nREASON: /[a-z ]{1,40}/'
-    o = _finals(eng, [("lark", _chat(embedded_model, "Is the sky blue? Answer yes or no and say why."),
+    o = _finals(eng, [("lark", _chat(loaded, "Is the sky blue? Answer yes or no and say why."),
                        SamplingParams(max_new_tokens=24), S("grammar", grammar))])["lark"]
     assert re.fullmatch(r"(yes|no), because [a-z ]{1,40}", o.text), o.text
     assert o.structured_complete is (o.finish_reason is FinishReason.STOP)
