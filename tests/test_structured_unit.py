@@ -223,3 +223,16 @@ def test_regex_records_have_no_parsed_and_free_records_no_structured():
 def test_incomplete_warning_is_one_line():
     w = incomplete_warning([f"r{i}" for i in range(8)])
     assert "\n" not in w and w.startswith("warning: 8 constrained outputs are incomplete") and "3 more" in w
+
+
+def test_every_row_constrained_with_a_precomputed_mask():
+    from cbgen.engine.sampler import blocked_tokens
+    V = 40
+    bitmask = _bitmask([[1, 33], [39]], V)
+    blocked = blocked_tokens(bitmask, V)
+    assert blocked.shape == (2, V) and (~blocked).nonzero().tolist() == [[0, 1], [0, 33], [1, 39]]
+    logits = torch.randn(2, V)
+    reqs = [Request("a", [1], SamplingParams()), Request("b", [1], SamplingParams(temperature=2.0, seed=1))]
+    out = sample(logits, reqs, masks=GrammarMasks([0, 1], bitmask, blocked)).token_ids
+    assert out[0] in (1, 33) and out[1] == 39
+    assert torch.isinf(logits[1, :39]).all()   # masked in place

@@ -18,7 +18,7 @@ from . import fused_ops, paged_kernel
 from . import attention
 from .attention import PagedBatch, PrefillChunk
 from .llama import LlamaForward, NativeLlama, head_dim_of
-from .sampler import GrammarMasks, SampleResult, sample
+from .sampler import GrammarMasks, SampleResult, blocked_tokens, sample
 from .scheduler import SchedulerOutput
 
 # Architectures whose transformers definition routes attention through
@@ -200,11 +200,16 @@ class ModelRunner:
         if self.mask_worker is None:
             from .structured import BitmaskWorker
             self.mask_worker = BitmaskWorker()
-        words = -(-self.model.config.vocab_size // 32)
-        bitmask = torch.zeros((len(rows), words), dtype=torch.int32)
-        future = self.mask_worker.submit([samplers[i].matcher for i in rows], bitmask.data_ptr(),
-                                         words * 4, len(rows))
-        return GrammarMasks(rows, bitmask), future
+        vocab = self.model.config.vocab_size
+        words = -(-vocab // 32)
+        masks = GrammarMasks(rows, torch.zeros((len(rows), words), dtype=torch.int32))
+
+        def expand() -> None:   # on the worker too: the sampler gets a ready bool mask
+            masks.blocked = blocked_tokens(masks.bitmask, vocab)
+
+        future = self.mask_worker.submit([samplers[i].matcher for i in rows], masks.bitmask.data_ptr(),
+                                         words * 4, len(rows), then=expand)
+        return masks, future
 
     def _masks(self, pending: tuple[GrammarMasks, object] | None) -> GrammarMasks | None:
         if pending is None:

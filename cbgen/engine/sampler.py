@@ -23,19 +23,29 @@ class GrammarMasks:
 
     ``bitmask`` int32 [len(rows), ceil(V / 32)]: bit ``j`` of word ``w`` allows
     token ``32 * w + j`` (llguidance's layout); ``rows`` index the step's sampling
-    requests."""
+    requests. ``blocked`` bool [len(rows), V]: the bitmask expanded, when the
+    runner already did it off the critical path (on the mask worker)."""
     rows: list[int]
     bitmask: torch.Tensor
+    blocked: torch.Tensor | None = None
+
+
+def blocked_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [rows, vocab_size], True where ``bitmask`` does not allow the token."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return (((bitmask.unsqueeze(-1) >> shifts) & 1) == 0).flatten(1)[:, :vocab_size]
 
 
 def _apply_grammar(logits: torch.Tensor, masks: GrammarMasks) -> None:
     """Disallowed tokens -> -inf, in place, before penalties, warping and argmax,
     so greedy and random rows alike only pick tokens the grammar allows."""
-    V = logits.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=masks.bitmask.device)
-    allowed = ((masks.bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :V].to(logits.device, torch.bool)
+    blocked = masks.blocked if masks.blocked is not None else blocked_tokens(masks.bitmask, logits.shape[1])
+    blocked = blocked.to(logits.device)
+    if len(masks.rows) == logits.shape[0]:   # every row constrained (a file sharing one schema)
+        logits.masked_fill_(blocked, NEG_INF)
+        return
     rows = torch.tensor(masks.rows, device=logits.device)
-    logits[rows] = logits[rows].masked_fill(~allowed, NEG_INF)
+    logits[rows] = logits[rows].masked_fill(blocked, NEG_INF)
 
 
 @dataclass

@@ -22,6 +22,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .structured_params import StructuredOutputsParams
 
@@ -192,14 +193,17 @@ class BitmaskWorker:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbgen-masks")
         self.times = MaskTimes()
 
-    def submit(self, matchers: list[GuidedMatcher], ptr: int, row_bytes: int, num_rows: int) -> "Future[None]":
+    def submit(self, matchers: list[GuidedMatcher], ptr: int, row_bytes: int, num_rows: int,
+               then: Callable[[], None] | None = None) -> "Future[None]":
         """Fill row ``i`` of the int32 buffer at ``ptr`` (``num_rows`` rows of
-        ``row_bytes``) with ``matchers[i]``'s mask. The caller keeps the buffer
-        alive until the future is done."""
+        ``row_bytes``) with ``matchers[i]``'s mask, then call ``then`` (on the
+        worker: more work that overlaps the forward). The caller keeps the
+        buffer alive until the future is done."""
         assert len(matchers) <= num_rows
-        return self._thread.submit(self._fill, matchers, ptr, row_bytes, num_rows)
+        return self._thread.submit(self._fill, matchers, ptr, row_bytes, num_rows, then)
 
-    def _fill(self, matchers: list[GuidedMatcher], ptr: int, row_bytes: int, num_rows: int) -> None:
+    def _fill(self, matchers: list[GuidedMatcher], ptr: int, row_bytes: int, num_rows: int,
+              then: Callable[[], None] | None) -> None:
         t0 = time.perf_counter()
         if len(matchers) == 1:
             matchers[0].raw.unsafe_compute_mask_ptr(ptr, row_bytes)
@@ -209,6 +213,8 @@ class BitmaskWorker:
         self.times.fill_s += time.perf_counter() - t0
         self.times.steps += 1
         self.times.rows += len(matchers)
+        if then is not None:
+            then()
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
