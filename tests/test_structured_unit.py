@@ -236,3 +236,23 @@ def test_every_row_constrained_with_a_precomputed_mask():
     out = sample(logits, reqs, masks=GrammarMasks([0, 1], bitmask, blocked)).token_ids
     assert out[0] in (1, 33) and out[1] == 39
     assert torch.isinf(logits[1, :39]).all()   # masked in place
+
+
+def test_bitmask_worker_fills_the_same_masks_inline_and_overlapped(grammars):
+    from cbgen.engine.structured import BitmaskWorker
+    tok = grammars.hf_tokenizer
+    words = -(-grammars.vocab_size // 32)
+    ms = [grammars.compile(S("regex", "(ab|cd)+")).new_matcher() for _ in range(3)]
+    for t in tok.encode("ab"):
+        ms[1].accept(t)
+    bufs = {}
+    for inline in (False, True):
+        w = BitmaskWorker(inline=inline)
+        buf = torch.zeros((3, words), dtype=torch.int32)
+        seen = []
+        w.submit(ms, buf.data_ptr(), words * 4, 3, then=lambda: seen.append(1)).result()
+        w.close()
+        assert seen == [1] and w.times.steps == 1 and w.times.rows == 3
+        bufs[inline] = buf
+    assert torch.equal(bufs[True], bufs[False]) and bufs[True].any(dim=1).all()
+    assert torch.equal(bufs[True][0], bufs[True][2]) and not torch.equal(bufs[True][0], bufs[True][1])

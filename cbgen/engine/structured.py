@@ -18,6 +18,7 @@ Invariants (checked by tests/test_structured_engine.py):
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -185,12 +186,17 @@ class BitmaskWorker:
     The masks of a step depend only on tokens accepted by the previous
     ``update``, so they are known before the forward starts. llguidance drops
     the GIL while it computes; several matchers are filled in parallel by its
-    ``LLExecutor`` (a Rust thread pool)."""
+    ``LLExecutor`` (a Rust thread pool).
 
-    def __init__(self) -> None:
+    ``inline``: fill in the calling thread instead (``CBGEN_MASK_OVERLAP=0``).
+    On a 2-core CPU the worker competes with the forward's OpenMP threads, so
+    which is faster is a measurement (benchmarks/structured_speed.py runs both)."""
+
+    def __init__(self, inline: bool | None = None) -> None:
         llg = _llg()
         self._executor = llg.LLExecutor()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbgen-masks")
+        self.inline = os.environ.get("CBGEN_MASK_OVERLAP", "1") == "0" if inline is None else inline
         self.times = MaskTimes()
 
     def submit(self, matchers: list[GuidedMatcher], ptr: int, row_bytes: int, num_rows: int,
@@ -200,6 +206,11 @@ class BitmaskWorker:
         worker: more work that overlaps the forward). The caller keeps the
         buffer alive until the future is done."""
         assert len(matchers) <= num_rows
+        if self.inline:
+            done: Future[None] = Future()
+            self._fill(matchers, ptr, row_bytes, num_rows, then)
+            done.set_result(None)
+            return done
         return self._thread.submit(self._fill, matchers, ptr, row_bytes, num_rows, then)
 
     def _fill(self, matchers: list[GuidedMatcher], ptr: int, row_bytes: int, num_rows: int,
