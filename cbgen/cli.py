@@ -94,6 +94,15 @@ def _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penal
         fail(f"option {e}")
 
 
+def _structured(json_mode: bool, json_schema: str | None, regex: str | None, choice: str | None,
+                grammar: str | None):
+    from .io.structured_fields import from_options
+    try:
+        return from_options(json_mode, json_schema, regex, choice, grammar)
+    except ValueError as e:
+        fail(str(e))
+
+
 @app.command()
 def run(
     inputs: list[str] = typer.Argument(..., help="Input files; '-' reads stdin as a stream."),
@@ -134,6 +143,11 @@ def run(
                                                help="And the K most likely tokens at each (0-20; implies --logprobs)."),
     prompt_logprobs: Optional[int] = typer.Option(None, "--prompt-logprobs",
                                                   help="Logprobs of the prompt tokens, with K alternatives (0-20)."),
+    json_mode: bool = typer.Option(False, "--json", help="Constrain outputs to a JSON object (needs cbgen[structured])."),
+    json_schema: Optional[str] = typer.Option(None, "--json-schema", help="Constrain outputs to this JSON schema file."),
+    regex: Optional[str] = typer.Option(None, "--regex", help="Constrain outputs to match this regex."),
+    choice: Optional[str] = typer.Option(None, "--choice", help="Constrain outputs to one of these labels: a,b,c."),
+    grammar: Optional[str] = typer.Option(None, "--grammar", help="Constrain outputs to this Lark (or GBNF) grammar file."),
     max_num_seqs: int = typer.Option(EngineConfig.max_num_seqs, "--max-num-seqs",
                                       help="Sequences decoding at once."),
     max_batched_tokens: int = typer.Option(EngineConfig.max_num_batched_tokens, "--max-batched-tokens",
@@ -194,6 +208,7 @@ def run(
         defaults = cli_defaults(defaults, logprobs, top_logprobs, prompt_logprobs)
     except ValueError as e:
         fail(str(e))
+    structured = _structured(json_mode, json_schema, regex, choice, grammar)
     cfg = _engine_config(max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention)
     loaded = _load(model, dtype, threads, _chat_template(chat_template))
     if validate:
@@ -201,7 +216,7 @@ def run(
         raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err, tables.spec))
     opts = RunOptions(inputs=inputs, output=output, fmt=fmt, order=order, resume=resume, system=system,
                       defaults=defaults, quiet=quiet, progress=progress, model_name=loaded.name, tables=tables,
-                      shard=shard_spec)
+                      shard=shard_spec, structured=structured)
     from .io.resume import ResumeError
     if pool_opts is not None and not dry_run:
         try:
@@ -209,6 +224,11 @@ def run(
         except ResumeError as e:
             fail(str(e))
     engine = _engine(loaded, cfg)
+    if structured is not None:
+        try:  # a bad default would fail every line: say so once, before the run
+            engine.grammars.compile(structured)
+        except ValueError as e:
+            fail(str(e).replace("field '", "option '", 1))
     if dry_run:
         from .frontends.dryrun import dry_run as dry_run_inputs
         raise typer.Exit(dry_run_inputs(inputs, loaded, engine, defaults, system, err,

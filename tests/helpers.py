@@ -61,3 +61,11 @@ def drain(eng) -> dict:
                 finals[(o.request_id, o.index)] = o
     assert eng.block_manager.all_free()
     return finals
+
+
+def run_to_end(eng, jobs) -> dict:
+    """Add ``jobs`` ((request id, prompt ids, params, structured spec or None)) to the engine
+    ``eng`` and step it to the end; the final output of every sample by (id, index)."""
+    for rid, ids, params, spec in jobs:
+        eng.add_request(rid, ids, params, structured=spec)
+    return drain(eng)

@@ -20,6 +20,8 @@ from .outputs import FinishReason, RequestOutput
 from .request import Request
 from .runner import ModelRunner, kv_geometry, num_blocks_for
 from .scheduler import Scheduler
+from .structured import GrammarCache
+from .structured_params import StructuredOutputsParams
 from .token_bytes import TokenBytes
 
 
@@ -61,6 +63,7 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.block_manager, self.max_model_len)
         self.runner = ModelRunner(model, self.config, num_blocks)
+        self.grammars = GrammarCache(tokenizer, self.vocab_size, tuple(self.eos_token_ids))
         self._lock = threading.Lock()
         self._inbox: list[Request] = []
         self._aborts: list[str] = []
@@ -78,12 +81,17 @@ class Engine:
 
     # ---- submission (any thread) ----------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                    *, extra: dict[str, Any] | None = None, arrival_time: float | None = None) -> None:
+                    *, extra: dict[str, Any] | None = None, arrival_time: float | None = None,
+                    structured: StructuredOutputsParams | None = None) -> None:
         """Queue a request; it joins the batch at the next step.
+
+        ``structured``: constrain the output (each of the ``n`` samples gets its
+        own matcher; the spec is compiled once per distinct content).
 
         Raises ValueError naming the field for an invalid request: empty or
         out-of-vocabulary prompt, a prompt that leaves no room in the context,
-        a duplicate live id, or params that are not SamplingParams.
+        a duplicate live id, params that are not SamplingParams, a spec the
+        constraint library rejects, or a constraint without the structured extra.
         """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -100,12 +108,14 @@ class Engine:
         bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt_token_ids: {bad} is outside the vocabulary [0, {self.vocab_size})")
+        grammar = self.grammars.compile(structured) if structured is not None else None
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         reqs: list[Request] = []
         for i in range(params.n):
             reqs.append(Request(request_id, list(prompt_token_ids), params, self.eos_token_ids, index=i,
                                 arrival_time=arrival, extra=dict(extra or {}),
-                                wait_for=reqs[0] if i else None))
+                                wait_for=reqs[0] if i else None,
+                                matcher=grammar.new_matcher() if grammar is not None else None))
         with self._lock:
             if request_id in self._live:
                 raise ValueError(f"request_id: {request_id!r} is already running")
@@ -181,7 +191,8 @@ class Engine:
             request_id=req.request_id, index=req.index, new_token_ids=new_ids, text_delta=delta,
             text=detok.text[:detok.emitted], token_ids=req.output_token_ids, finished=req.is_finished,
             finish_reason=req.finish_reason, metrics=req.metrics(), num_samples=req.params.n,
-            stop_reason=req.stop_reason, extra=req.extra)
+            stop_reason=req.stop_reason, extra=req.extra,
+            structured_complete=_complete(req) if req.matcher is not None and req.is_finished else None)
         if req.is_finished:
             self._attach_logprobs(out, req, detok)
             self._retire(req)
@@ -254,3 +265,10 @@ class Engine:
                 if o.finished and o.index == 0:
                     final[o.request_id] = o
         return [final[str(i)] for i in range(len(prompts))]
+
+
+def _complete(req: Request) -> bool:
+    """A finished constrained output is a whole match: the grammar accepts what it
+    consumed, and neither a stop string nor an abort cut the text short of it."""
+    return (req.matcher.is_accepting and not isinstance(req.stop_reason, str)
+            and req.finish_reason in (FinishReason.STOP, FinishReason.LENGTH))

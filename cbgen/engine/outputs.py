@@ -155,3 +155,6 @@ class RequestOutput:
     # When asked (params.prompt_logprobs), on sample 0's finished output: one entry per
     # prompt token, None for the first (nothing predicts it).
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    # Constrained output, on the last output: the text is a complete match of the grammar
+    # (not cut by max_new_tokens, a stop string or an abort). None when unconstrained.
+    structured_complete: bool | None = None

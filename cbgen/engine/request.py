@@ -11,10 +11,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import SamplingParams
 from .outputs import FinishReason, RequestMetrics, TokenLogprobs
+
+if TYPE_CHECKING:
+    from .structured import GuidedMatcher
 
 
 class RequestStatus(Enum):
@@ -34,6 +37,8 @@ class Request:
     extra: dict[str, Any] = field(default_factory=dict)
     # Sibling whose prompt blocks this one should reuse (n > 1): admitted after it prefilled.
     wait_for: "Request | None" = None
+    # Grammar state when the output is constrained (one per sample); see structured.py.
+    matcher: "GuidedMatcher | None" = None
 
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0

@@ -8,8 +8,10 @@ request (no padding; positions per token) -> logits at each sampling position
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..config import EngineConfig, cache_root
@@ -18,7 +20,7 @@ from . import attention
 from .attention import PagedBatch, PrefillChunk
 from .llama import LlamaForward, NativeLlama, head_dim_of
 from .logprobs import PromptSpan, prompt_logprobs, prompt_span
-from .sampler import SampleResult, sample
+from .sampler import GrammarMasks, SampleResult, sample
 from .scheduler import SchedulerOutput
 
 # Architectures whose transformers definition routes attention through
@@ -120,6 +122,7 @@ class ModelRunner:
             k[self.null_block].zero_()
             v[self.null_block * bs:].zero_()
         self.num_forward_tokens = 0   # every token ever forwarded (the no-recompute check counts these)
+        self.mask_worker = None       # structured.BitmaskWorker, made for the first constrained step
 
     def _pick_forward(self, cfg: EngineConfig) -> LlamaForward | None:
         if cfg.model_impl == "transformers":
@@ -197,11 +200,45 @@ class ModelRunner:
         return (torch.tensor(ids, device=dev).unsqueeze(0), torch.tensor(pos, device=dev).unsqueeze(0),
                 torch.tensor(keep + prompt_rows, dtype=torch.long, device=dev), batch, spans)
 
+    def _start_masks(self, samplers: list) -> tuple[GrammarMasks, object] | None:
+        """Start filling the grammar bitmasks of this step's constrained rows on the
+        mask worker; they overlap the forward (the matchers hold every token so far)."""
+        rows = [i for i, r in enumerate(samplers) if r.matcher is not None]
+        if not rows:
+            return None
+        if self.mask_worker is None:
+            from .structured import BitmaskWorker
+            self.mask_worker = BitmaskWorker()
+        vocab = self.model.config.vocab_size
+        words = -(-vocab // 32)
+        masks = GrammarMasks(rows, torch.zeros((len(rows), words), dtype=torch.int32))
+
+        def expand() -> None:
+            # On the worker too, so the sampler gets a ready bool mask. numpy, not torch:
+            # a torch op on this thread would start a second OpenMP team (cbgen/compute.py).
+            # Little-endian bytes of int32 words: bit j of word w is unpacked bit 32 * w + j.
+            bits = np.unpackbits(masks.bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+            masks.blocked = torch.from_numpy(bits[:, :vocab] == 0)
+
+        future = self.mask_worker.submit([samplers[i].matcher for i in rows], masks.bitmask.data_ptr(),
+                                         words * 4, len(rows), then=expand)
+        return masks, future
+
+    def _masks(self, pending: tuple[GrammarMasks, object] | None) -> GrammarMasks | None:
+        if pending is None:
+            return None
+        masks, future = pending
+        t0 = time.perf_counter()
+        future.result()
+        self.mask_worker.times.wait_s += time.perf_counter() - t0
+        return masks
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> SampleResult:
         input_ids, positions, keep, batch, spans = self._batch(out)
         self.num_forward_tokens += input_ids.shape[1]
         samplers = [s.request for s in out.scheduled if s.samples]
+        pending = self._start_masks(samplers)
         if self.native is not None:
             logits = self.native.forward(input_ids[0], positions[0], batch, keep)
         elif keep.numel() == 0:
@@ -212,7 +249,8 @@ class ModelRunner:
                                 logits_to_keep=keep, cbgen_batch=batch).logits[0]
         argmax = self.fused.argmax if self.fused is not None else None   # fused exists only with native
         # Sampling rows first (a contiguous slice), prompt-logprob rows after them.
-        result = sample(logits[:len(samplers)], samplers, argmax) if samplers else SampleResult([])
+        result = (sample(logits[:len(samplers)], samplers, argmax, self._masks(pending)) if samplers
+                  else SampleResult([]))
         if spans:
             result.prompt_logprobs = prompt_logprobs(logits, spans, len(samplers))
         return result

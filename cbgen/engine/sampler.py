@@ -20,6 +20,37 @@ NEG_INF = float("-inf")
 
 
 @dataclass
+class GrammarMasks:
+    """Allowed-token bitmasks for the constrained rows of a step.
+
+    ``bitmask`` int32 [len(rows), ceil(V / 32)]: bit ``j`` of word ``w`` allows
+    token ``32 * w + j`` (llguidance's layout); ``rows`` index the step's sampling
+    requests. ``blocked`` bool [len(rows), V]: the bitmask expanded, when the
+    runner already did it off the critical path (on the mask worker)."""
+    rows: list[int]
+    bitmask: torch.Tensor
+    blocked: torch.Tensor | None = None
+
+
+def blocked_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [rows, vocab_size], True where ``bitmask`` does not allow the token."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return (((bitmask.unsqueeze(-1) >> shifts) & 1) == 0).flatten(1)[:, :vocab_size]
+
+
+def _apply_grammar(logits: torch.Tensor, masks: GrammarMasks) -> None:
+    """Disallowed tokens -> -inf, in place, before penalties, warping and argmax,
+    so greedy and random rows alike only pick tokens the grammar allows."""
+    blocked = masks.blocked if masks.blocked is not None else blocked_tokens(masks.bitmask, logits.shape[1])
+    blocked = blocked.to(logits.device)
+    if len(masks.rows) == logits.shape[0]:   # every row constrained (a file sharing one schema)
+        logits.masked_fill_(blocked, NEG_INF)
+        return
+    rows = torch.tensor(masks.rows, device=logits.device)
+    logits[rows] = logits[rows].masked_fill(blocked, NEG_INF)
+
+
+@dataclass
 class SampleResult:
     token_ids: list[int]
     # Per sampling row: the sampled token's logprobs (raw model distribution, before
@@ -98,16 +129,19 @@ def _plain_greedy(r: Request) -> bool:
 
 
 def sample(logits: torch.Tensor, reqs: list[Request],
-           argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SampleResult:
+           argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           masks: GrammarMasks | None = None) -> SampleResult:
     """``logits`` [len(reqs), V] for the requests that sample this step, in order.
 
     ``argmax``: a native ``logits.float().argmax(-1)`` for bf16 logits (fused_ops),
     used when every row is plain greedy, the common batch-job step. Logprobs are
-    computed on the rows that asked only (a copy taken before any penalty)."""
+    computed on the rows that asked only (a copy taken before any penalty or mask:
+    the raw model distribution). ``masks``: grammar bitmasks of the constrained
+    rows, applied before sampling (``logits`` is modified in place)."""
     lp_rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
     # A copy of the asking rows only, taken before penalties edit the logits in place.
     raw = logits.index_select(0, torch.tensor(lp_rows, device=logits.device)) if lp_rows else None
-    token_ids = _sample_tokens(logits, reqs, argmax)
+    token_ids = _sample_tokens(logits, reqs, argmax, masks)
     if raw is None:
         return SampleResult(token_ids)
     entries = token_logprobs(raw, [token_ids[i] for i in lp_rows], [reqs[i].params.logprobs for i in lp_rows])
@@ -118,7 +152,10 @@ def sample(logits: torch.Tensor, reqs: list[Request],
 
 
 def _sample_tokens(logits: torch.Tensor, reqs: list[Request],
-                   argmax: Callable[[torch.Tensor], torch.Tensor] | None) -> list[int]:
+                   argmax: Callable[[torch.Tensor], torch.Tensor] | None,
+                   masks: GrammarMasks | None = None) -> list[int]:
+    if masks is not None:
+        _apply_grammar(logits, masks)
     if argmax is not None and logits.dtype == torch.bfloat16 and all(_plain_greedy(r) for r in reqs):
         return argmax(logits.contiguous()).tolist()
     logits = logits.float()

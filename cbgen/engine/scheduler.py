@@ -192,6 +192,15 @@ class Scheduler:
 
     def _check_token_stop(self, req: Request, tok: int) -> None:
         p = req.params
+        if req.matcher is not None:
+            # Every sampled token, EOS and stop ids included, advances the grammar; the
+            # sampler's mask makes a refusal impossible.
+            ok = req.matcher.accept(tok)
+            assert ok, f"{req.request_id}: token {tok} outside the grammar (mask not applied?)"
+            if req.matcher.is_stopped:
+                # Only EOS could follow: the constrained output is complete, whatever
+                # min_new_tokens or ignore_eos ask for.
+                return self.finish(req, FinishReason.STOP, tok if tok in req.eos_token_ids else None)
         if req.num_output_tokens >= p.min_new_tokens:
             if not p.ignore_eos and tok in req.eos_token_ids:
                 return self.finish(req, FinishReason.STOP, tok)

@@ -19,6 +19,8 @@ from ..io.records import ALIASES
 from ..io.writer import JsonlWriter
 from .chat_log import LOGGED_STATES, seq_record
 from .chat_session import ChatSession, Seq
+from .chat_structured import KEYS as STRUCTURED_KEYS
+from .chat_structured import set_structured
 from .chat_view import describe, one_line
 
 HELP_HEAD = """\
@@ -177,13 +179,15 @@ def _number(key: str, raw: str, kind: type):
 
 
 @command("/set", "[KEY [VALUE]]", "show or change a sampling default for new prompts "
-         "(e.g. /set temperature 0.2)")
+         "(e.g. /set temperature 0.2); /set json on|off, /set schema FILE|off: JSON answers")
 def _set(s: ChatSession, arg: str) -> str:
     current = s.defaults.to_dict()
     if not arg:
         return "  ".join(f"{k}={v!r}" for k, v in current.items() if k not in _NOT_SETTABLE)
     key, _, raw = arg.partition(" ")
     key, raw = ALIASES.get(key, key), raw.strip()
+    if key in STRUCTURED_KEYS:
+        return set_structured(s, key, raw)
     if key in _NOT_SETTABLE:
         return f"{key} cannot be set: {_NOT_SETTABLE[key]}"
     if key not in current:

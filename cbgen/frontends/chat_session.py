@@ -27,6 +27,7 @@ from ..config import SamplingParams
 from ..engine.engine import SequenceProgress
 from ..engine.outputs import RequestOutput
 from ..io.records import InputRecord
+from ..engine.structured_params import StructuredOutputsParams
 from .driver import Driver, EngineFailed
 from .prompting import PromptError, encode
 
@@ -50,6 +51,7 @@ class Seq:
     error: str | None = None
     first_token_at: float | None = None      # our clock, for the live tok/s
     cancelled: bool = False                  # abort sent; its final output is on the way
+    structured: StructuredOutputsParams | None = None   # the output constraint when it was typed
 
     @property
     def request_id(self) -> str:
@@ -94,6 +96,7 @@ class ChatSession:
         self.busy_seconds = 0.0
         self._last_tick: float | None = None
         self.chat = bool(getattr(tokenizer, "chat_template", None))  # else raw completion prompts
+        self.structured: StructuredOutputsParams | None = None   # /set json | /set schema
 
     # ---- input ----------------------------------------------------------
     @property
@@ -108,7 +111,8 @@ class ChatSession:
         sent when the tip finishes. ``line`` is the input line (default: the
         sequence number). Returns a message to show ("" if none)."""
         self.quit_armed = False
-        seq = Seq(self.next_num, text, self.defaults, parent=self.thread, line=line or self.next_num)
+        seq = Seq(self.next_num, text, self.defaults, parent=self.thread, line=line or self.next_num,
+                  structured=self.structured)
         self.seqs[seq.num] = seq
         if self.thread is not None:
             self.thread = seq.num
@@ -127,10 +131,11 @@ class ChatSession:
         if self.chat:
             seq.messages = [*self._history(seq), {"role": "user", "content": seq.prompt}]
         seq.record = InputRecord(seq.request_id, seq.line, "messages" if self.chat else "prompt",
-                                 None if self.chat else seq.prompt, seq.messages, seq.params, "cbgen")
+                                 None if self.chat else seq.prompt, seq.messages, seq.params, "cbgen",
+                                 structured=seq.structured)
         try:
             ids = encode(self.tokenizer, prompt=seq.record.prompt, messages=seq.messages)
-            self.driver.submit(seq.request_id, ids, seq.params)
+            self.driver.submit(seq.request_id, ids, seq.params, structured=seq.structured)
         except (PromptError, ValueError) as e:
             seq.state, seq.error = "error", str(e)
             self._finish(seq)

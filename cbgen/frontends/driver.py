@@ -22,6 +22,7 @@ from ..compute import compute_thread
 from ..config import SamplingParams
 from ..engine.engine import Engine
 from ..engine.outputs import RequestOutput
+from ..engine.structured_params import StructuredOutputsParams
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,9 @@ class Driver:
         return self
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               extra: dict[str, Any] | None = None) -> None:
+               extra: dict[str, Any] | None = None, structured: StructuredOutputsParams | None = None) -> None:
         """Raises ValueError (naming the field) for a request the engine refuses."""
-        self.engine.add_request(request_id, prompt_token_ids, params, extra=extra)
+        self.engine.add_request(request_id, prompt_token_ids, params, extra=extra, structured=structured)
         self._kick()
 
     def abort(self, request_id: str) -> bool:

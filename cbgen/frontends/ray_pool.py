@@ -213,9 +213,9 @@ class RayPool:
         return self.cap * max(1, len(self.workers))
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               extra: dict[str, Any] | None = None) -> None:
+               extra: dict[str, Any] | None = None, structured=None) -> None:
         with self._lock:
-            self._queue.append(WorkItem(request_id, list(prompt_token_ids), params, dict(extra or {})))
+            self._queue.append(WorkItem(request_id, list(prompt_token_ids), params, dict(extra or {}), structured))
 
     def abort(self, request_id: str) -> bool:
         with self._lock:

@@ -40,6 +40,7 @@ class WorkItem:
     prompt_token_ids: list[int]
     params: SamplingParams
     extra: dict[str, Any] = field(default_factory=dict)
+    structured: Any = None          # StructuredOutputsParams: compiled on the worker (plain data travels)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ class EngineWorker:
     def submit(self, items: list[WorkItem]) -> None:
         for it in items:
             try:
-                self._driver.submit(it.request_id, it.prompt_token_ids, it.params, extra=it.extra)
+                self._driver.submit(it.request_id, it.prompt_token_ids, it.params, extra=it.extra,
+                                    structured=it.structured)
             except ValueError as e:
                 self._rejected.append((it.request_id, str(e)))
                 continue

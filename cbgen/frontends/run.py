@@ -24,6 +24,7 @@ from rich.markup import escape
 from ..config import SamplingParams
 from ..engine.engine import Engine
 from ..engine.outputs import FinishReason, RequestOutput
+from ..engine.structured_params import StructuredOutputsParams
 from ..io.reader import Prefetcher, source_names
 from ..io.records import InputError, InputRecord, LineParser
 from ..io.resume import ResumeError, compact, load_done_ids
@@ -34,6 +35,7 @@ from .backend import Backend, BackendLost, Notice, Rejected
 from .driver import Driver, EngineFailed
 from .interrupts import StopSignals
 from .progress import ProgressView
+from .structured_summary import incomplete_warning
 from .table_plan import TablePlan
 from .prompting import PromptError, encode
 
@@ -53,6 +55,7 @@ class RunOptions:
     model_name: str | None = None
     tables: TablePlan | None = None     # table options; .layout is set for a table output
     shard: Shard | None = None         # --shard I/N: only the ids of this shard
+    structured: StructuredOutputsParams | None = None   # default output constraint (--json, --regex, ...)
 
 
 @dataclass
@@ -71,6 +74,7 @@ class BatchRun:
         self.failed = 0
         self.written = 0
         self.not_started = 0
+        self.incomplete: list[str] = []   # ids of constrained outputs that did not complete
         self.pending: dict[str, _Pending] = {}
         # In flight beyond the engine's slots so a freed slot is refilled at the very next step.
         self.max_in_flight = (backend.max_in_flight if backend is not None else
@@ -81,6 +85,8 @@ class BatchRun:
     # ---- output -----------------------------------------------------------
     def _emit(self, writer: Writer, rec, ticket: int | None, view: ProgressView) -> None:
         view.record_done(error=rec.finish_reason == "error")
+        if rec.structured is not None and not rec.structured["complete"]:
+            self.incomplete.append(rec.id)
         ready = [rec] if self.reorder is None or ticket is None else self.reorder.push(ticket, rec)
         for r in ready:
             if r is None:  # the slot of an input that never started
@@ -103,7 +109,7 @@ class BatchRun:
                 continue
             try:
                 ids = encode(self.tokenizer, prompt=item.prompt, messages=item.messages, controls=item.chat_controls)
-                driver.submit(item.id, ids, item.params, extra={"line": item.line_no})
+                driver.submit(item.id, ids, item.params, extra={"line": item.line_no}, structured=item.structured)
             except (PromptError, ValueError) as e:
                 self._reject(writer, item, f"line {item.line_no}: {e}", ticket, view)
                 continue
@@ -132,7 +138,7 @@ class BatchRun:
             self.err.print(f"resume: {len(done.done_ids)} ids already in {opts.output}, skipping them",
                            highlight=False)
         parser = LineParser(opts.defaults, system=opts.system, skip_ids=done.done_ids if done else (),
-                            sources=source_names(opts.inputs), shard=opts.shard)
+                            sources=source_names(opts.inputs), shard=opts.shard, structured=opts.structured)
         prefetch = Prefetcher(read_inputs(opts.inputs, parser, opts.tables and opts.tables.spec),
                               maxsize=opts.read_ahead)
         out_cm = (TableOutput(opts.output, opts.fmt, table_out, opts.inputs, resume=opts.resume,
@@ -207,6 +213,8 @@ class BatchRun:
                            "(run again with --resume to do them)", highlight=False)
         if not opts.quiet:
             self.err.print(view.summary(), highlight=False)
+            if self.incomplete:
+                self.err.print(incomplete_warning(self.incomplete), highlight=False, soft_wrap=True)
         # Interrupted before the job was whole (input left unread, inputs never started, or
         # running ones aborted): 130, the shell's code for SIGINT, so a script can tell.
         if sig.abort or (sig.stop_admitting and not input_done) or self.not_started:

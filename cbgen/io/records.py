@@ -25,6 +25,8 @@ other key is ignored (datasets carry extra columns) unless it looks like a typo
 of a sampling field (``temprature``), which is an error.
 Chat-template controls (``continue_final_message``, ``tools``, ...) sit beside
 the sampling fields, at top level or in ``body``: see ``io/chat_controls.py``.
+Output constraints (``response_format``, ``regex``, ``choice``, ``grammar``)
+are parsed by ``structured_fields`` into ``InputRecord.structured``.
 
 The id is ``id`` / ``custom_id`` as a string (an integer id ``7`` is ``"7"``),
 else the default id ``"<source>:<line_no>"`` (``"prompts.jsonl:7"``,
@@ -44,14 +46,18 @@ from dataclasses import dataclass, field
 from typing import Any, Collection
 
 from cbgen.config import SamplingParams
+from cbgen.engine.structured_params import StructuredOutputsParams
 from cbgen.io.chat_controls import CONTROL_KEYS, ChatTemplateControls, ControlError, parse_controls
 from cbgen.io.encoding import invalid_message
+from cbgen.io.field_error import FieldError as _Bad
+from cbgen.io.field_error import show as _show
 from cbgen.io.logprob_fields import LogprobFieldError, resolve_logprobs
+from cbgen.io.structured_fields import CBGEN_FIELDS, parse_structured
 
 ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
 FIELDS = SamplingParams.field_names()
 KNOWN_SAMPLING = FIELDS | ALIASES.keys() | {"top_logprobs"}
-CBGEN_KEYS = {"id", "prompt", "messages", "metadata"}
+CBGEN_KEYS = {"id", "prompt", "messages", "metadata", *CBGEN_FIELDS}
 ROLES = ("system", "user", "assistant")
 OPENAI_URLS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
 DEFAULT_SOURCE = "input"          # the source name when a caller names none
@@ -80,6 +86,7 @@ class InputRecord:
     raw_format: str                    # "cbgen" | "openai"
     extra: dict[str, Any] = field(default_factory=dict)  # openai url/method/model; cbgen metadata
     chat_controls: ChatTemplateControls | None = None     # None: the defaults (see io/chat_controls.py)
+    structured: StructuredOutputsParams | None = None   # the output constraint (structured_fields.py)
 
     @property
     def is_chat(self) -> bool:
@@ -98,17 +105,6 @@ class InputError:
 
     def __str__(self) -> str:
         return self.message
-
-
-class _Bad(Exception):
-    def __init__(self, field: str, what: str) -> None:
-        super().__init__(what)
-        self.field, self.what = field, what
-
-
-def _show(v: Any) -> str:
-    s = json.dumps(v, ensure_ascii=False)
-    return s if len(s) <= 40 else s[:37] + "..."
 
 
 def _text(v: Any, name: str) -> str:
@@ -203,7 +199,8 @@ def _record_id(obj: dict[str, Any], key: str) -> str:
     raise _Bad(key, f"expected a non-empty string or an integer, got {_show(v)}")
 
 
-def _cbgen(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None) -> InputRecord:
+def _cbgen(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None,
+           structured: StructuredOutputsParams | None = None) -> InputRecord:
     for key in sorted(obj.keys() - CBGEN_KEYS - KNOWN_SAMPLING - CONTROL_KEYS):
         close = difflib.get_close_matches(key, KNOWN_SAMPLING, n=1, cutoff=0.8)
         if close:
@@ -218,10 +215,12 @@ def _cbgen(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: 
         raise _Bad("prompt", "missing: expected 'prompt' (a string) or 'messages' (a list of {role, content})")
     extra = {"metadata": obj["metadata"]} if "metadata" in obj else {}
     return InputRecord(rid, line_no, kind, prompt, messages, _params(defaults, obj, ""), "cbgen", extra,
-                       chat_controls=_controls(obj, "", messages))
+                       chat_controls=_controls(obj, "", messages),
+                       structured=parse_structured(obj, "", structured, openai=False))
 
 
-def _openai(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None) -> InputRecord:
+def _openai(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None,
+            structured: StructuredOutputsParams | None = None) -> InputRecord:
     if "custom_id" not in obj:
         raise _Bad("custom_id", "missing: an OpenAI Batch line needs a 'custom_id'")
     url = obj.get("url", "/v1/chat/completions")
@@ -241,7 +240,8 @@ def _openai(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system:
     extra = {"url": url, "method": method, "model": body.get("model")}
     api = "completions" if need == "prompt" else "chat"
     return InputRecord(rid, line_no, "openai", prompt, messages, _params(defaults, body, "body.", api), "openai", extra,
-                       chat_controls=_controls(body, "body.", messages))
+                       chat_controls=_controls(body, "body.", messages),
+                       structured=parse_structured(body, "body.", structured, openai=True))
 
 
 def default_id(source: str | None, line_no: int) -> str:
@@ -260,14 +260,16 @@ def _split_lead(line: str) -> tuple[str, str]:
 
 
 def parse_line(line: str, line_no: int, defaults: SamplingParams, *, system: str | None = None,
-               source: str | None = None, problem: str | None = None) -> InputRecord | InputError | None:
+               source: str | None = None, problem: str | None = None,
+               structured: StructuredOutputsParams | None = None) -> InputRecord | InputError | None:
     """Parse one line (terminator optional). Never raises for bad input: returns ``InputError``.
 
     ``None`` for a blank line. ``source`` names the input: it forms default ids
     (``"a.jsonl:7"``) and prefixes messages (``a.jsonl line 7``). ``problem``
     is the reader's verdict on the line's bytes (undecodable, binary): then the
     line is an ``InputError`` with field ``encoding``. Undecodable bytes that
-    arrive as lone surrogates (``surrogateescape``) are one too.
+    arrive as lone surrogates (``surrogateescape``) are one too. ``structured`` is
+    the default output constraint (a line's own constraint fields replace it).
     """
     loc = _location(source, line_no)
     rid = default_id(source, line_no)
@@ -287,7 +289,8 @@ def parse_line(line: str, line_no: int, defaults: SamplingParams, *, system: str
                 raise _Bad("encoding", f"a byte-order mark at character {len(lead) + joined.start() + 1} starts "
                                        "a JSON object inside a text line (files joined without a newline?)")
             return InputRecord(rid, line_no, "text", None,
-                               _with_system([{"role": "user", "content": lead + body}], system), defaults, "cbgen")
+                               _with_system([{"role": "user", "content": lead + body}], system), defaults, "cbgen",
+                               structured=structured)
         try:
             obj = json.loads(body)  # starts with "{", so a successful parse is a dict
         except json.JSONDecodeError as e:
@@ -298,8 +301,8 @@ def parse_line(line: str, line_no: int, defaults: SamplingParams, *, system: str
         if key is not None:
             rid = _record_id(obj, key)  # before other checks, so errors carry the line's own id
         if "custom_id" in obj or "body" in obj:
-            return _openai(obj, rid, line_no, defaults, system)
-        return _cbgen(obj, rid, line_no, defaults, system)
+            return _openai(obj, rid, line_no, defaults, system, structured)
+        return _cbgen(obj, rid, line_no, defaults, system, structured)
     except _Bad as b:
         where = "" if b.field in ("json", "encoding") else f"field '{b.field}': "
         return InputError(rid, line_no, b.field, f"{loc}: {where}{b.what}")
@@ -323,8 +326,10 @@ class LineParser:
     """
 
     def __init__(self, defaults: SamplingParams, *, system: str | None = None,
-                 skip_ids: Collection[str] = (), sources: Collection[str] = (), shard=None) -> None:
+                 skip_ids: Collection[str] = (), sources: Collection[str] = (), shard=None,
+                 structured: StructuredOutputsParams | None = None) -> None:
         self.defaults, self.system, self.skip_ids, self.shard = defaults, system, skip_ids, shard
+        self.structured = structured
         self.sources = set(sources)
         self.seen: dict[str, str] = {}  # id -> where it was first seen
         self.skipped = 0
@@ -339,7 +344,8 @@ class LineParser:
 
     def __call__(self, line: str, line_no: int, source: str | None = None,
                  problem: str | None = None) -> InputRecord | InputError | None:
-        r = parse_line(line, line_no, self.defaults, system=self.system, source=source, problem=problem)
+        r = parse_line(line, line_no, self.defaults, system=self.system, source=source, problem=problem,
+                       structured=self.structured)
         return None if r is None else self.admit(r, line_no, source)
 
     def admit(self, r: InputRecord | InputError, line_no: int, source: str | None = None,

@@ -112,7 +112,8 @@ class RowParser:
                 except ValueError as e:
                     raise _Bad(col, f"invalid JSON: {e}") from None
             messages = _messages(v, col, system)
-        return InputRecord(rid, row_no, kind, prompt, messages, self.lines.defaults, "cbgen", {"row": row})
+        return InputRecord(rid, row_no, kind, prompt, messages, self.lines.defaults, "cbgen", {"row": row},
+                           structured=self.lines.structured)   # --json / --regex ... apply to rows too
 
     def parse(self, spec: TableSpec, r: Row, source: str | None) -> InputRecord | InputError:
         """One row -> item (never raises for bad data)."""

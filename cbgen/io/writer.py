@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Generic, Sequence, TextIO, TypeVar
 
 from cbgen.engine.outputs import PositionLogprobs, RequestOutput
+from cbgen.engine.structured_params import JSON_KINDS
 from cbgen.io import logprob_format as lpf
 from cbgen.io.records import InputError, InputRecord
+from cbgen.io.structured_result import structured_fields
 
 T = TypeVar("T")
 
@@ -47,6 +49,8 @@ class ResultRecord:
     messages: list[dict] | None = None   # the input, when a front-end echoes it (chat's /save)
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # when asked; [0] is None
     row: Any = None                      # io.table_rows.TableRow of the input, for table outputs; not in to_dict
+    structured: dict | None = None       # constrained output: {type, name?, complete} (structured_result.py)
+    parsed: Any = None                   # with a JSON constraint: the value, or None when incomplete
 
     def to_dict(self) -> dict[str, Any]:
         """The cbgen JSONL record; ``choices`` / ``logprobs`` / ``messages`` /
@@ -59,6 +63,10 @@ class ResultRecord:
         for optional in ("choices", "logprobs", "messages", "prompt_logprobs"):
             if d[optional] is None:
                 del d[optional]
+        if self.structured is not None:
+            d["structured"] = self.structured
+            if self.structured["type"] in JSON_KINDS:
+                d["parsed"] = self.parsed
         return d
 
 
@@ -77,9 +85,16 @@ def result_from_outputs(rec: InputRecord, outputs: Sequence[RequestOutput], mode
     choices = ([{"index": o.index, "text": o.text, "finish_reason": _reason(o),
                  **({"logprobs": o.logprobs} if o.logprobs is not None else {})} for o in outs]
                if len(outs) > 1 else None)
-    return ResultRecord(rec.id, rec.line_no, first.text, _reason(first), choices, usage,
-                        last.metrics.to_dict(), rec.params.to_dict(), model, None, first.logprobs, rec.is_chat,
-                        prompt_logprobs=first.prompt_logprobs, row=rec.extra.get("row"))
+    result = ResultRecord(rec.id, rec.line_no, first.text, _reason(first), choices, usage,
+                          last.metrics.to_dict(), rec.params.to_dict(), model, None, first.logprobs, rec.is_chat,
+                          prompt_logprobs=first.prompt_logprobs, row=rec.extra.get("row"))
+    if rec.structured is not None:
+        result.structured, result.parsed, per_sample = structured_fields(rec.structured, outs)
+        for c, (complete, parsed) in zip(choices or [], per_sample):
+            c["complete"] = complete
+            if rec.structured.is_json:
+                c["parsed"] = parsed
+    return result
 
 
 def error_result(item: InputError | InputRecord, message: str | None = None, model: str | None = None) -> ResultRecord:
