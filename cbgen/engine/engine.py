@@ -71,6 +71,7 @@ class Engine:
         self._detok: dict[tuple[str, int], Detokenizer] = {}
         self.num_steps = 0
         self.num_generated_tokens = 0
+        self._special: frozenset[int] | None = None     # special token ids, built with _token_bytes
         self._token_bytes: TokenBytes | None = None   # built at the first logprobs output
 
     @classmethod
@@ -210,11 +211,21 @@ class Engine:
             self._token_bytes = TokenBytes(self.tokenizer)
         tb = self._token_bytes
         if req.logprobs is not None:
-            kept = (detok.num_tokens_in(len(out.text)) if req.finish_reason is FinishReason.STOP
-                    else len(req.logprobs))
+            kept = detok.num_tokens_in(len(out.text))
+            if req.finish_reason is not FinishReason.STOP:
+                # Cut by length or abort: the tokens of a character cut short (dropped from
+                # the text) keep their entries, their bytes show it; special tokens do not.
+                special = self._special_ids()
+                while kept < len(req.logprobs) and req.output_token_ids[kept] not in special:
+                    kept += 1
             out.logprobs = tb.positions(req.logprobs[:kept], detok.offsets[:kept])  # type: ignore[assignment]
         if req.prompt_logprobs is not None:
             out.prompt_logprobs = tb.positions(req.prompt_logprobs)
+
+    def _special_ids(self) -> frozenset[int]:
+        if self._special is None:
+            self._special = frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ()) | self.eos_token_ids
+        return self._special
 
     def _retire(self, req: Request) -> None:
         self._detok.pop(req.key, None)
