@@ -39,9 +39,9 @@ def test_shards_partition_the_ids_and_keep_duplicate_detection():
         parser = LineParser(SamplingParams(), shard=Shard(i, 3))
         taken.append([r for n, line in enumerate(lines, 1) if (r := parser(line, n)) is not None])
     ids = [r.id for part in taken for r in part]
-    assert sorted(ids) == sorted({*(f"q{i}" for i in range(50)), "51"}) and len(ids) == 51
+    assert sorted(ids) == sorted({*(f"q{i}" for i in range(50)), "input:51"}) and len(ids) == 51
     assert all(len(part) > 5 for part in taken)  # the hash spreads them
-    dup = [r for part in taken for r in part if r.id == "51"]  # the repeated q3, as in a single run
+    dup = [r for part in taken for r in part if r.id == "input:51"]  # the repeated q3, as in a single run
     assert len(dup) == 1 and dup[0].field == "id"
 
 
@@ -119,7 +119,7 @@ def test_merge_refuses_a_non_output_file_and_leaves_no_partial_file(tmp_path):
 def test_input_ids_match_run_ids_with_several_inputs(tmp_path):
     a = _write(tmp_path, "a.txt", ["hi", "", "there"])
     b = _write(tmp_path, "b.jsonl", [json.dumps({"id": "x", "prompt": "p"}), "{bad"])
-    assert input_ids([a, b]) == [f"{a}:1", f"{a}:3", "x", f"{b}:2"]
+    assert input_ids([a, b]) == ["a.txt:1", "a.txt:3", "x", "b.jsonl:2"]   # the run's default ids
 
 
 @pytest.mark.parametrize("args, message", [

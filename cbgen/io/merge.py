@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, NamedTuple
 
 from cbgen.config import SamplingParams
-from cbgen.io.reader import iter_lines
+from cbgen.io.reader import source_names
 from cbgen.io.records import LineParser
 from cbgen.io.resume import record_key
+from cbgen.io.table_rows import read_inputs
 
 NO_LINE = float("inf")
 
@@ -52,22 +53,10 @@ class MergeReport:
 
 
 def input_ids(inputs: list[str]) -> list[str]:
-    """Every id ``cbgen run inputs`` writes a record for, in input order (bad lines included)."""
-    parser = LineParser(SamplingParams())
-    multi = len(inputs) > 1
-    ids = []
-    for ln in iter_lines(inputs):
-        r = parser(ln.text, ln.line_no, ln.source if multi else None)
-        if r is not None:
-            ids.append(r.id)
-    return ids
-
-
-def _aborted(obj: dict) -> bool:
-    if obj.get("finish_reason") == "abort":
-        return True
-    err = obj.get("error")
-    return isinstance(err, dict) and err.get("code") == "batch_cancelled"
+    """Every id ``cbgen run inputs`` writes a record for, in input order (bad lines included):
+    read as the run reads them (``table_rows.read_inputs``), so default ids are the same."""
+    parser = LineParser(SamplingParams(), sources=source_names(inputs))
+    return [r.id for r in read_inputs(inputs, parser)]
 
 
 def _index(files: list[BinaryIO], names: list[str], order: dict[str, int] | None,
@@ -82,17 +71,16 @@ def _index(files: list[BinaryIO], names: list[str], order: dict[str, int] | None
                 break
             if raw.strip():
                 key_final = record_key(raw)
-                rid = key_final[0] if key_final is not None else None
-                if rid is None:
+                if key_final is None:
                     raise MergeError(f"{names[fi]} line {line_no}: not a cbgen or OpenAI output record "
                                      "(no 'id' / 'custom_id')")
-                obj = json.loads(raw)
+                rid, obj = key_final[0], json.loads(raw)
                 if order is not None:
                     key = (order.get(rid, len(order)), fi, offset)
                 else:
                     line = obj.get("line")
                     key = (line if isinstance(line, int) else NO_LINE, fi, offset)
-                by_id.setdefault(rid, []).append(_Entry(key, fi, offset, len(raw), _aborted(obj)))
+                by_id.setdefault(rid, []).append(_Entry(key, fi, offset, len(raw), not key_final[1]))
             offset += len(raw)
     return by_id
 
