@@ -9,6 +9,7 @@ from test_chat import pump
 
 from cbgen.config import EngineConfig, SamplingParams
 from cbgen.engine.engine import Engine
+from cbgen.frontends.chat_commands import handle
 from cbgen.frontends.chat_session import ChatSession
 from cbgen.frontends.driver import Driver
 
@@ -26,16 +27,16 @@ def chat(sharp):
 
 
 def test_set_json_and_schema_constrain_new_prompts(chat, tmp_path):
-    assert chat.handle("/set json") == "json: off"
-    assert chat.handle("/set json maybe") == "json: 'maybe' is not on or off"
-    assert chat.handle("/set json on") == "new prompts answer with a JSON object"
-    chat.handle("first")
+    assert handle(chat, "/set json") == "json: off"
+    assert handle(chat, "/set json maybe") == "json: 'maybe' is not on or off"
+    assert handle(chat, "/set json on") == "new prompts answer with a JSON object"
+    handle(chat, "first")
     f = tmp_path / "mood.json"
     f.write_text(json.dumps(SCHEMA))
-    assert chat.handle(f"/set schema {f}") == f"new prompts answer with JSON matching {f}"
-    chat.handle("second")
-    assert chat.handle("/set json off") == "output constraint off for new prompts"
-    chat.handle("third")
+    assert handle(chat, f"/set schema {f}") == f"new prompts answer with JSON matching {f}"
+    handle(chat, "second")
+    assert handle(chat, "/set json off") == "output constraint off for new prompts"
+    handle(chat, "third")
     pump(chat, lambda: not chat.running())
     first, second, third = (chat.seqs[n] for n in (1, 2, 3))
     assert first.structured.kind == "json_object" and first.text.startswith("{")
@@ -48,7 +49,7 @@ def test_set_json_and_schema_constrain_new_prompts(chat, tmp_path):
 def test_bad_schema_file_is_one_line_and_keeps_the_old_setting(chat, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"type": "nope"}))
-    reply = chat.handle(f"/set schema {bad}")
+    reply = handle(chat, f"/set schema {bad}")
     assert reply.startswith("schema: field '--json-schema': invalid JSON schema: ") and "\n" not in reply
-    assert chat.handle(f"/set schema {tmp_path / 'missing.json'}").startswith("schema: --json-schema ")
+    assert handle(chat, f"/set schema {tmp_path / 'missing.json'}").startswith("schema: --json-schema ")
     assert chat.structured is None

@@ -77,7 +77,7 @@ def test_cli_default_applies_to_lines_without_their_own(tmp_path, base_args):
     r = _run([src, "--choice", "red,green", *base_args])
     assert r.exit_code == 0, r.stderr
     recs = _records(r.stdout)
-    assert recs["1"]["text"] in ("red", "green") and recs["1"]["structured"]["type"] == "choice"
+    assert recs["in.jsonl:1"]["text"] in ("red", "green") and recs["in.jsonl:1"]["structured"]["type"] == "choice"
     assert len(recs["own"]["text"]) == 3 and recs["own"]["text"].isdigit()
     assert "structured" not in recs["off"]
 

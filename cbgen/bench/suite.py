@@ -138,7 +138,7 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(opts).items()},
         "env": {"model": loaded.name, "dtype": str(loaded.dtype).removeprefix("torch."),
-                "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "threads": ct.call(torch.get_num_threads), "torch": torch.__version__,
                 "transformers": transformers.__version__, "load_avg_start": load_avg(),
                 "cpu_pressure_avg60_start": cpu_pressure(), "cpu_count": os.cpu_count(),
                 "prompt_file": str(opts.prompts), "prompts_loaded": len(prompts)},

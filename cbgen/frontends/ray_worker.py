@@ -91,7 +91,7 @@ class EngineWorker:
         engine = ct.call(Engine.from_loaded, loaded, engine_cfg)
         gc.freeze()  # as in the CLI: keeps the first full collection out of the early steps
         self._driver = Driver(engine).start()
-        return WorkerInfo(socket.gethostname(), os.getpid(), loaded.name, torch.get_num_threads(),
+        return WorkerInfo(socket.gethostname(), os.getpid(), loaded.name, ct.call(torch.get_num_threads),
                           round(loaded.load_seconds, 3))
 
     def submit(self, items: list[WorkItem]) -> None:
