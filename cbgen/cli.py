@@ -294,7 +294,8 @@ def info(model: Optional[str] = ModelOpt, dtype: str = DtypeOpt, threads: Option
     """Show what would be loaded: path, architecture, parameters, dtype, context, template."""
     from .models import model_info
     loaded = _load(model, dtype, threads)
-    for k, v in model_info(loaded).items():
+    from .compute import compute_thread
+    for k, v in compute_thread().call(model_info, loaded).items():   # torch threads as the engine sees them
         typer.echo(f"{k:<18} {v}")
 
 
