@@ -143,11 +143,15 @@ def test_second_ctrl_c_then_resume_loses_nothing_and_leaves_one_final_record_per
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     first = {rec["id"]: rec for rec in _records(out.read_text())}
-    # "multi" had two samples running and one never started: its partial record is written.
-    assert set(first) == {"quick", "multi"}, err.decode()
+    # "multi" had samples running and at least one never started: its partial record is written.
+    # Whether "l1" got quick's freed slot before the Ctrl-C depends on the machine's speed:
+    # if it started, it has a partial record too; what never started has none.
+    assert {"quick", "multi"} <= set(first) <= {"quick", "multi", "l1"}, err.decode()
     assert first["multi"]["finish_reason"] == "abort" and len(first["multi"]["choices"]) == 3
     assert 0 < first["multi"]["usage"]["completion_tokens"] < 3 * 3000
-    assert "2 inputs never started" in err.decode()
+    assert all(first[i]["finish_reason"] == "abort" for i in set(first) - {"quick"})
+    assert f"{4 - len(first)} inputs never started" in err.decode()
+    assert p.returncode == 130
     r = subprocess.run([*CBGEN, "run", *args, "--resume", "--max-num-seqs", "5", "--max-new-tokens", "5"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -155,7 +159,7 @@ def test_second_ctrl_c_then_resume_loses_nothing_and_leaves_one_final_record_per
     assert sorted(rec["id"] for rec in recs) == ["l1", "l2", "multi", "quick"]
     assert all(rec["finish_reason"] != "abort" for rec in recs)
     assert next(rec for rec in recs if rec["id"] == "multi")["usage"]["completion_tokens"] == 3 * 5
-    assert "rewritten with one record per id (1 superseded" in r.stderr
+    assert f"rewritten with one record per id ({len(first) - 1} superseded" in r.stderr
 
 
 def test_resume_into_a_text_output_is_one_clear_error(tmp_path, base_args):
