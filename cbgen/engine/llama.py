@@ -1,7 +1,7 @@
 """A flat-batch forward for llama-family weights (llama, mistral, qwen2), used instead
 of transformers' module tree when the model allows it, and ``NativeLlama``, the
 model object for checkpoints loaded without transformers' modelling code at all
-(models.py does that for plain-RoPE llama-family dirs: it saves ~1.6 s of
+(cbgen/models/load.py does that for plain-RoPE llama-family dirs: it saves ~1.6 s of
 imports at start-up).
 
 Same math as transformers' LlamaModel, op for op where rounding matters (RMSNorm

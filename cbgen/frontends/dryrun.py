@@ -60,7 +60,7 @@ def _report(check: InputCheck, probe: ProbeResult, cost: StepCost, est: Estimate
 
 def dry_run(inputs: list[str], loaded, engine: Engine, defaults: SamplingParams, system: str | None,
             err: Console, *, startup_s: float | None = None, out: TextIO | None = None,
-            probe_seconds: float = 15.0, spec=None) -> int:
+            probe_seconds: float = 15.0, length_seconds: float = 90.0, spec=None) -> int:
     """Check every input, probe, print the report to ``out`` (stdout); returns the exit code
     (1 if any input is invalid, as ``--validate``)."""
     out = out or sys.stdout
@@ -73,10 +73,11 @@ def dry_run(inputs: list[str], loaded, engine: Engine, defaults: SamplingParams,
     if not check.num_valid:
         print("nothing to generate", file=out)
         return code
-    err.print(f"probing this machine (about {probe_seconds:.0f}s)...", style="dim", highlight=False)
+    err.print(f"probing this machine ({probe_seconds:.0f}s, then up to {length_seconds:.0f}s "
+              "until the sampled answers end)...", style="dim", highlight=False)
     # On the compute thread, where the model was loaded and `cbgen run` steps (cbgen/compute.py).
     probe = compute_thread().call(run_probe, engine, check.sample, rows=sum(check.num_samples),
-                                  time_limit=probe_seconds)
+                                  time_limit=probe_seconds, length_limit=length_seconds)
     cost = StepCost.fit(probe.steps)
     if 2 * probe.num_cut > len(probe.lengths):
         err.print(f"warning: the probe's time ran out before {probe.num_cut} of {len(probe.lengths)} sampled answers ended "

@@ -1,0 +1,246 @@
+"""Load a resolved model: device and dtype, the native forward or transformers' modules, the tokenizer.
+
+torch and transformers are imported lazily so that importing this stays cheap.
+Every ``from_pretrained`` passes ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cbgen.config import ModelConfig
+from cbgen.config import cpu_flags as machine_cpu_flags
+
+from .errors import ModelError, _one_line
+from .gguf import Status, _convert_gguf, _quiet_progress_bars
+from .resolve import resolve_model
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class LoadedModel:
+    """A ready model: eval mode, on ``device``, in ``dtype``; ``path`` is the dir actually read."""
+
+    model: Any  # transformers PreTrainedModel (causal LM)
+    tokenizer: Any  # fast tokenizer (transformers TokenizersBackend)
+    path: Path
+    source: str
+    name: str
+    dtype: "torch.dtype"
+    dtype_reason: str
+    device: "torch.device"
+    max_model_len: int
+    has_chat_template: bool
+    converted: bool  # this call de-quantised a GGUF into the cache
+    load_seconds: float
+    origin: Path  # what the user named: the .gguf file, or the model dir
+
+    @property
+    def native(self) -> bool:
+        """Loaded without transformers' modelling code (a cbgen NativeLlama)."""
+        from cbgen.engine.llama import NativeLlama
+        return isinstance(self.model, NativeLlama)
+
+
+def pick_device(requested: str) -> "torch.device":
+    """``auto`` is cuda when available, else cpu; an unavailable cuda is a ``ModelError``."""
+    import torch
+
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device={requested} but CUDA is not available in torch {torch.__version__}")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: "torch.device",
+               cpu_flags: frozenset[str] | None = None) -> tuple["torch.dtype", str]:
+    """``(dtype, reason)``. ``auto`` is bfloat16 where the hardware computes it natively, else float32."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested), "requested"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: CUDA device supports bf16"
+        return torch.float32, "auto: CUDA device lacks bf16"
+    flags = machine_cpu_flags() if cpu_flags is None else cpu_flags
+    native = sorted({"avx512_bf16", "amx_bf16"} & set(flags))
+    if native:
+        return torch.bfloat16, f"auto: CPU has native bf16 ({', '.join(native)})"
+    return torch.float32, "auto: CPU lacks native bf16 (no avx512_bf16/amx_bf16)"
+
+
+def eos_token_ids(tokenizer: Any, model: Any) -> tuple[int, ...]:
+    """Union of ``model.generation_config.eos_token_id`` (int or list) and the tokenizer's eos, in that order."""
+    gen = getattr(model, "generation_config", None)
+    ids = getattr(gen, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def _native_config(path: Path) -> tuple[dict, str | None]:
+    """config.json and, if cbgen's native forward cannot run this checkpoint, why not."""
+    try:
+        c = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return {}, f"config.json unreadable ({_one_line(e)})"
+    from cbgen.engine.llama import NATIVE_MODEL_TYPES
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    why = (f"model_type {c.get('model_type')!r}" if c.get("model_type") not in NATIVE_MODEL_TYPES else
+           f"hidden_act {c.get('hidden_act')!r}" if c.get("hidden_act", "silu") != "silu" else
+           "a quantized checkpoint" if c.get("quantization_config") else
+           f"rope_type {rope_type!r}" if rope_type != "default" else
+           "no model.safetensors" if not (path / "model.safetensors").is_file()
+           and not (path / "model.safetensors.index.json").is_file() else None)
+    return c, why
+
+
+def _load_native(path: Path, c: dict, dtype: "torch.dtype", device: "torch.device") -> Any:
+    """A NativeLlama from ``path``'s config.json and safetensors, cast to ``dtype`` on ``device``."""
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors import safe_open
+
+    from cbgen.engine.llama import LlamaForward, NativeLlama, head_dim_of
+
+    index = path / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
+    handles = [safe_open(str(path / f), framework="pt") for f in files]
+    where = {k: h for h in handles for k in h.keys()}
+
+    def get(name: str):
+        """A tensor by its transformers name; a missing bias is None, any other missing weight an error."""
+        h = where.get(name)
+        if h is None:
+            if name.endswith(".bias"):
+                return None
+            raise KeyError(f"weight {name} is missing from the safetensors")
+        return h.get_tensor(name).to(device=device, dtype=dtype)
+
+    rope = c.get("rope_parameters") or {}
+    spec = SimpleNamespace(**{
+        **c, "head_dim": head_dim_of(SimpleNamespace(**{"head_dim": None, **c})),
+        "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+        "rms_norm_eps": float(c.get("rms_norm_eps", 1e-6)),
+        "max_position_embeddings": int(c.get("max_position_embeddings", 2048)),
+        "tie_word_embeddings": bool(c.get("tie_word_embeddings", False)),
+        "num_key_value_heads": c.get("num_key_value_heads") or c["num_attention_heads"],
+        "architectures": c.get("architectures") or ["LlamaForCausalLM"],
+        # transformers' defaults: qwen2 has use_sliding_window (False); mistral uses sliding_window as given.
+        "sliding_window": (c.get("sliding_window") if c.get("use_sliding_window", c.get("model_type") != "qwen2")
+                           else None)})
+    with torch.no_grad():
+        impl = LlamaForward.from_tensors(spec, get)
+    gen = {}
+    if (path / "generation_config.json").is_file():
+        gen = json.loads((path / "generation_config.json").read_text())
+    gen_ns = SimpleNamespace(eos_token_id=gen.get("eos_token_id", c.get("eos_token_id")),
+                             pad_token_id=gen.get("pad_token_id", c.get("pad_token_id")),
+                             bos_token_id=gen.get("bos_token_id", c.get("bos_token_id")))
+    return NativeLlama(spec, gen_ns, impl)
+
+
+def _generic_tokenizer(path: Path, model_type: str | None) -> bool:
+    """True where AutoTokenizer would resolve to transformers' generic ``TokenizersBackend``:
+    a llama checkpoint whose tokenizer_config.json names the generic class (SmolLM2 does).
+    AutoTokenizer first imports the model's config class to decide, ~0.7 s of start-up."""
+    try:
+        tc = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (model_type == "llama" and tc.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast")
+            and "auto_map" not in tc and (path / "tokenizer.json").is_file())
+
+
+def _load_tokenizer(path: Path, model_type: str | None = None) -> Any:
+    try:
+        if _generic_tokenizer(path, model_type):
+            from transformers import TokenizersBackend
+            tokenizer = TokenizersBackend.from_pretrained(path, local_files_only=True)
+        else:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise ModelError(f"cannot load the tokenizer from {path}: {_one_line(e)}") from e
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"{path} has no fast tokenizer (tokenizer.json); cbgen needs one")
+    return tokenizer
+
+
+def _load_dir(path: Path, dtype: "torch.dtype", device: "torch.device") -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with _quiet_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation="sdpa", local_files_only=True,
+                device_map=str(device) if device.type != "cpu" else None)
+    except Exception as e:
+        raise ModelError(f"cannot load a causal LM from {path}: {_one_line(e)}") from e
+    return model.eval(), _load_tokenizer(path)
+
+
+def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel:
+    """Resolve ``cfg.model`` and load it; raises ``ModelError`` (one line) on any user-facing failure.
+
+    A GGUF source is converted into the cache on first use (reported through
+    ``status``); ``load_seconds`` covers the whole call, conversion included.
+    """
+    import torch
+
+    t0 = time.perf_counter()
+    status = status or (lambda _msg: None)
+    res = resolve_model(cfg.model, cache_dir=cfg.cache_dir)
+    device = pick_device(cfg.device)
+    dtype, reason = pick_dtype(cfg.dtype, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    converted = False
+    path = res.path
+    if res.is_gguf:
+        if not res.cached:
+            _convert_gguf(res.path, res.cache_path, status)
+            converted = True
+        path = res.cache_path
+    model = None
+    if cfg.impl != "transformers":
+        conf, why_not = _native_config(path)
+        if why_not is None:
+            try:
+                model = _load_native(path, conf, dtype, device)
+            except (OSError, KeyError, ValueError, RuntimeError) as e:
+                raise ModelError(f"cannot load {path}: {_one_line(e)}") from e
+        elif cfg.impl == "native":
+            raise ModelError(f"{path}: impl=native does not support {why_not}; use impl=auto or transformers")
+    if model is None:
+        model, tokenizer = _load_dir(path, dtype, device)
+        cfg_text = model.config.get_text_config(decoder=True)
+    else:
+        tokenizer = _load_tokenizer(path, model.config.model_type)
+        cfg_text = model.config
+    max_len = int(getattr(cfg_text, "max_position_embeddings", 0) or tokenizer.model_max_length)
+    if tokenizer.model_max_length > max_len:  # the "unset" sentinel is 1e30
+        tokenizer.model_max_length = max_len
+    eos = eos_token_ids(tokenizer, model)
+    gen = model.generation_config
+    if eos:  # stop on every eos either side knows about
+        gen.eos_token_id = list(eos) if len(eos) > 1 else eos[0]
+    if gen.pad_token_id is None and eos:
+        gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, path=path, source=res.source, name=res.name,
+        dtype=dtype, dtype_reason=reason, device=device, max_model_len=max_len,
+        has_chat_template=bool(tokenizer.chat_template), converted=converted,
+        load_seconds=time.perf_counter() - t0, origin=res.path)
