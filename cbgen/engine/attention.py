@@ -38,6 +38,15 @@ class PrefillChunk:
     mask: torch.Tensor | None    # [q, ctx_len] bool (True = attend); None with blocks=None (plain causal)
 
 
+@dataclass(frozen=True)
+class BatchSequence:
+    """One scheduled sequence's slice of the flat batch."""
+    key: tuple[str, int]         # (request_id, sample index): stable while the sequence lives
+    flat_start: int              # its first row in the flat batch
+    num_tokens: int
+    start: int                   # position of its first new token (0: from scratch, e.g. after a preemption)
+
+
 @dataclass
 class PagedBatch:
     """Per-step attention metadata, shared by all layers (built once per step)."""
@@ -55,6 +64,7 @@ class PagedBatch:
     prefills: list[PrefillChunk]
     kernel: PagedDecodeKernel | None             # None: torch path for decodes
     fused: FusedOps | None = None                # native residual add + RMSNorm (bf16 native forward only)
+    sequences: tuple[BatchSequence, ...] = ()    # in flat-batch order
 
 
 def _gather_k(k_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

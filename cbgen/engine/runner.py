@@ -17,7 +17,7 @@ import torch
 from ..config import EngineConfig, cache_root
 from . import fused_ops, paged_kernel
 from . import attention
-from .attention import PagedBatch, PrefillChunk
+from .attention import BatchSequence, PagedBatch, PrefillChunk
 from .llama import LlamaForward, NativeLlama, head_dim_of
 from .logprobs import PromptSpan, prompt_logprobs, prompt_span
 from .sampler import GrammarMasks, SampleResult, sample
@@ -149,9 +149,11 @@ class ModelRunner:
         dec_tables: list[list[int]] = []
         dec_lens: list[int] = []
         prefill_specs: list[tuple[int, int, int, list[int]]] = []
+        sequences: list[BatchSequence] = []
         for s in out.scheduled:
             req, st, n = s.request, s.start, s.num_tokens
             flat = len(ids)
+            sequences.append(BatchSequence(req.key, flat, n, st))
             table = req.block_table
             ids.extend(req.token_ids[st:st + n])
             pos.extend(range(st, st + n))
@@ -196,7 +198,8 @@ class ModelRunner:
         write_blocks = torch.tensor(blocks, device=dev)
         write_offsets = torch.tensor(offsets, device=dev)
         batch = PagedBatch(self.kv, bs, write_blocks, write_offsets, write_blocks * bs + write_offsets,
-                           len(dec_lens), tables, lens, mask, pad, prefills, self.kernel, self.fused)
+                           len(dec_lens), tables, lens, mask, pad, prefills, self.kernel, self.fused,
+                           tuple(sequences))
         return (torch.tensor(ids, device=dev).unsqueeze(0), torch.tensor(pos, device=dev).unsqueeze(0),
                 torch.tensor(keep + prompt_rows, dtype=torch.long, device=dev), batch, spans)
 
