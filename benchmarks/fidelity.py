@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Engine first: all prompts at once.
     t0 = time.perf_counter()
-    eng = Engine.from_loaded(loaded, EngineConfig(
-        max_num_seqs=args.max_num_seqs, attention=args.attention,
-        model_impl="transformers" if args.impl == "transformers" else "auto"))
+    eng = Engine.from_loaded(loaded, EngineConfig(max_num_seqs=args.max_num_seqs, attention=args.attention))
     params = SamplingParams(max_new_tokens=n_new, min_new_tokens=0 if args.natural else n_new)
     outs = eng.generate([p for _, p in prompts], params)
     engine_s = time.perf_counter() - t0
@@ -125,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_prompts": len(rows), "max_new_tokens": n_new, "max_num_seqs": args.max_num_seqs,
         "mode": "natural" if args.natural else "exact-length",
         "attention": "native" if eng.runner.kernel else "torch",
-        "forward": "native" if eng.runner.native else "transformers",
+        "forward": type(eng.model).__name__,
         "identical": same, "fraction": round(same / len(rows), 4),
         "engine_seconds": round(engine_s, 1), "hf_seconds": round(hf_s, 1),
         "engine_preemptions": stats.num_preemptions, "prefix_hit_rate": round(stats.prefix_hit_rate, 4),

@@ -27,6 +27,8 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Local HF model dir, a .gguf
                         "local HF cache. Default: the embedded SmolLM2-135M-Instruct.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 (auto: bf16 where the CPU has native bf16).")
 ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: all cores).")
+ImplOpt = typer.Option("auto", "--impl", help="How the model runs: auto | native (cbgen's own forward) | "
+                       "transformers (its modules, paged attention). auto: the fastest that serves it.")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -34,14 +36,15 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load(model: str | None, dtype: str, threads: int | None, chat_template: str | None = None):
+def _load(model: str | None, dtype: str, threads: int | None, chat_template: str | None = None,
+          impl: str = "auto"):
     """Load the model, turning every expected failure into a one-line error. ``chat_template``
     (Jinja source) replaces the tokenizer's for the whole process."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never a network hang
     from .compute import compute_thread
     from .models import ModelError, load_model
     try:
-        cfg = ModelConfig(model=model, dtype=dtype, threads=threads)
+        cfg = ModelConfig(model=model, dtype=dtype, threads=threads, impl=impl)
         # On the compute thread, where the engine will step: one OpenMP team (cbgen/compute.py).
         loaded = compute_thread().call(load_model, cfg, status=lambda msg: err.print(msg, style="dim",
                                                                                       highlight=False))
@@ -65,7 +68,7 @@ def _engine_config(max_num_seqs: int, max_batched_tokens: int, kv_cache_gb: floa
 def _engine(loaded, cfg: EngineConfig):
     from .compute import compute_thread
     from .engine.engine import Engine
-    from .engine.runner import UnsupportedModelError
+    from .engine.architectures import UnsupportedModelError
     try:
         engine = compute_thread().call(Engine.from_loaded, loaded, cfg)
     except (UnsupportedModelError, ValueError) as e:
@@ -110,6 +113,7 @@ def run(
     model: Optional[str] = ModelOpt,
     dtype: str = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,
+    impl: str = ImplOpt,
     fmt: str = typer.Option("jsonl", "--format", help="jsonl | openai (OpenAI Batch output lines) | text."),
     text: bool = typer.Option(False, "--text", help="Print just the generated text (same as --format text)."),
     order: Optional[str] = typer.Option(None, "--order", help="finish (default for stdin) | input (default for files)."),
@@ -210,7 +214,7 @@ def run(
         fail(str(e))
     structured = _structured(json_mode, json_schema, regex, choice, grammar)
     cfg = _engine_config(max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention)
-    loaded = _load(model, dtype, threads, _chat_template(chat_template))
+    loaded = _load(model, dtype, threads, _chat_template(chat_template), impl)
     if validate:
         from .frontends.validate import validate_inputs
         raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err, tables.spec))
@@ -263,7 +267,8 @@ def _run_on_ray(loaded, dtype: str, cfg: EngineConfig, pool_opts, opts, named: b
     from .frontends.ray_pool import PoolError, RayPool
     from .frontends.run import BatchRun
     # Workers load by absolute path (their cwd differs); the driver keeps only the tokenizer.
-    model_cfg = ModelConfig(model=os.path.abspath(loaded.origin) if named else None, dtype=dtype)
+    model_cfg = ModelConfig(model=os.path.abspath(loaded.origin) if named else None, dtype=dtype,
+                            impl=loaded.impl)
     loaded.model = None
     gc.collect()
     pool = RayPool(model_cfg, cfg, pool_opts, status=lambda m: err.print(m, style="dim", highlight=False))
@@ -290,10 +295,11 @@ def merge(
 
 
 @app.command()
-def info(model: Optional[str] = ModelOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt) -> None:
+def info(model: Optional[str] = ModelOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt,
+         impl: str = ImplOpt) -> None:
     """Show what would be loaded: path, architecture, parameters, dtype, context, template."""
     from .models import model_info
-    loaded = _load(model, dtype, threads)
+    loaded = _load(model, dtype, threads, impl=impl)
     from .compute import compute_thread
     for k, v in compute_thread().call(model_info, loaded).items():   # torch threads as the engine sees them
         typer.echo(f"{k:<18} {v}")
@@ -304,6 +310,7 @@ def chat(
     model: Optional[str] = ModelOpt,
     dtype: str = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,
+    impl: str = ImplOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System message for new conversations."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", metavar="FILE",
                                                 help="Jinja chat template instead of the model's."),
@@ -328,7 +335,7 @@ def chat(
             open(json_log, "a", encoding="utf-8").close()
         except OSError as e:
             fail(f"--json-log {json_log!r}: cannot open: {e.strerror or e}")
-    loaded = _load(model, dtype, threads, _chat_template(chat_template))
+    loaded = _load(model, dtype, threads, _chat_template(chat_template), impl)
     engine = _engine(loaded, cfg)
     raise typer.Exit(run_chat(engine, loaded, defaults, system=system, json_log=json_log))
 

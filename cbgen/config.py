@@ -172,10 +172,6 @@ class EngineConfig:
     # (built once with the system C compiler), "torch" = gather + SDPA,
     # "auto" = native when it builds and supports the model's shapes.
     attention: str = "auto"
-    # Model forward: "native" = cbgen's flat-batch llama-family forward (fused
-    # q/k/v and gate/up GEMMs, engine/llama.py), "transformers" = the model's own
-    # modules, "auto" = native for llama / mistral / qwen2, else transformers.
-    model_impl: str = "auto"
 
     def __post_init__(self) -> None:
         _check(_is_int(self.max_num_seqs) and 1 <= self.max_num_seqs <= 4096,
@@ -197,8 +193,6 @@ class EngineConfig:
                "long_prefill_token_threshold", self.long_prefill_token_threshold, "an integer >= 0")
         _check(self.attention in ("auto", "native", "torch"),
                "attention", self.attention, "one of auto, native, torch")
-        _check(self.model_impl in ("auto", "native", "transformers"),
-               "model_impl", self.model_impl, "one of auto, native, transformers")
 
 
 @dataclass(frozen=True)
@@ -210,9 +204,11 @@ class ModelConfig:
     device: str = "auto"         # auto | cpu | cuda
     threads: int | None = None   # None: torch's default (all cores)
     cache_dir: str | None = None  # None: $CBGEN_CACHE or ~/.cache/cbgen
-    # "native": read config.json + safetensors directly (llama / mistral / qwen2 with
-    # plain RoPE; no transformers modelling import, ~1.5 s faster start);
-    # "transformers": AutoModelForCausalLM; "auto": native where possible.
+    # How the model runs (the one knob; cbgen/engine/architectures.py): "native" = cbgen's
+    # own forward from config.json + safetensors (no transformers modelling import, ~1.5 s
+    # faster start); "transformers" = transformers' modules with the paged attention;
+    # "auto" = native where the architecture has one, else transformers' modules, else
+    # the one-sequence-at-a-time fallback.
     impl: str = "auto"
 
     def __post_init__(self) -> None:

@@ -92,7 +92,12 @@ def tiny_loaded(tiny_model_dir):
     use it both for the engine and as the HF ``generate`` reference)."""
     from cbgen.models import load_model
 
-    return load_model(ModelConfig(model=str(tiny_model_dir), dtype="float32", device="cpu", impl="transformers"))
+    import dataclasses
+
+    loaded = load_model(ModelConfig(model=str(tiny_model_dir), dtype="float32", device="cpu", impl="transformers"))
+    # Loaded through transformers (tests need its module tree as the reference); stepped with
+    # the fastest forward for it, as `--impl auto` would.
+    return dataclasses.replace(loaded, impl="auto")
 
 
 @pytest.fixture(scope="session")
@@ -104,9 +109,12 @@ def embedded_model():
     """
     from cbgen.models import ModelError, load_model
 
+    import dataclasses
+
     try:
-        return load_model(ModelConfig(dtype="float32", device="cpu", impl="transformers"),
-                          status=lambda msg: print(f"[cbgen] {msg}"))
+        loaded = load_model(ModelConfig(dtype="float32", device="cpu", impl="transformers"),
+                            status=lambda msg: print(f"[cbgen] {msg}"))
+        return dataclasses.replace(loaded, impl="auto")   # the reference is transformers'; the engine runs native
     except ModelError as e:
         pytest.skip(f"embedded model unavailable: {e}")
 

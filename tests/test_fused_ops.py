@@ -49,7 +49,7 @@ def test_add_rmsnorm_keeps_nan_and_inf(ops):
     assert _rms(h, torch.ones(32).bfloat16(), 1e-5)[0].isnan().all()
 
 
-def test_engine_uses_it_for_bf16_native_forwards_only(tiny_loaded, ops, monkeypatch):
+def test_engine_uses_it_for_bf16_only(tiny_loaded, ops, monkeypatch):
     import dataclasses
 
     from cbgen.engine.llama import LlamaForward
@@ -57,7 +57,6 @@ def test_engine_uses_it_for_bf16_native_forwards_only(tiny_loaded, ops, monkeypa
     bf16 = dataclasses.replace(tiny_loaded, model=copy.deepcopy(tiny_loaded.model).to(torch.bfloat16))
     assert Engine.from_loaded(bf16).runner.fused is not None
     assert Engine.from_loaded(tiny_loaded).runner.fused is None                   # float32: exact torch ops
-    assert Engine.from_loaded(bf16, EngineConfig(model_impl="transformers")).runner.fused is None
     monkeypatch.setenv("CBGEN_NATIVE_KERNEL", "0")
     assert fused_ops.load(cache_root() / "kernels") is None
     assert LlamaForward.supports(bf16.model)
@@ -74,9 +73,10 @@ def test_bf16_logits_with_and_without_it_agree(tiny_loaded, ops):
     eng._drain_inbox()
     ids, pos, keep, batch, _ = eng.runner._batch(eng.scheduler.schedule())
     assert batch.fused is not None
-    fused = eng.runner.native.forward(ids[0], pos[0], batch, keep).float()
+    assert type(eng.model).__name__ == "LlamaForward"
+    fused = eng.model.forward(ids[0], pos[0], batch, keep).float()
     batch.fused = None
-    plain = eng.runner.native.forward(ids[0], pos[0], batch, keep).float()
+    plain = eng.model.forward(ids[0], pos[0], batch, keep).float()
     assert fused.shape == plain.shape == (3, tiny_loaded.model.config.vocab_size)
     assert (fused - plain).abs().max().item() <= 0.02 * plain.abs().max().item()
     assert torch.equal(fused.argmax(-1), plain.argmax(-1))
@@ -122,12 +122,12 @@ def test_sampler_uses_it_only_for_plain_greedy_rows(ops):
 
 @pytest.mark.parametrize("T", [1, 5, 64])
 def test_rope_is_bit_identical_to_the_torch_ops(ops, T):
-    from cbgen.engine.llama import DefaultRope, _rope
+    from cbgen.engine.llama import Rope, _rope
 
     H, KVH, D = 9, 3, 64
     g = torch.Generator().manual_seed(T)
     qkv = (torch.randn(T, (H + 2 * KVH) * D, generator=g) * 4).bfloat16()
-    cos, sin = DefaultRope(10000.0, D)(qkv.unsqueeze(0), torch.arange(100, 100 + T).unsqueeze(0))
+    cos, sin = Rope.default(10000.0, D)(qkv.unsqueeze(0), torch.arange(100, 100 + T).unsqueeze(0))
     cos, sin = cos[0].bfloat16().contiguous(), sin[0].bfloat16().contiguous()
     q, k = ops.rope_qk(qkv, cos, sin, H, KVH)
     assert torch.equal(q, _rope(qkv[:, :H * D].view(T, H, D), cos.unsqueeze(1), sin.unsqueeze(1)))

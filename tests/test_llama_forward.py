@@ -1,6 +1,7 @@
 """cbgen's native llama-family forward (engine/llama.py) against transformers' modules.
 
-Greedy tokens must equal HF ``generate`` in float32 through either model_impl;
+Greedy tokens must equal HF ``generate`` in float32 through either impl (native
+forward, or transformers' modules with the paged attention);
 bf16 pre-packed projections must be bit-identical to ``F.linear``; models the
 native forward does not cover fall back to transformers' modules (auto) or are
 refused with a clear error (native).
@@ -18,13 +19,15 @@ from helpers import hf_greedy, sharpen
 from cbgen.config import EngineConfig, SamplingParams
 from cbgen.engine.engine import Engine
 from cbgen.engine.llama import LlamaForward, _Proj, _can_pack
-from cbgen.engine.runner import UnsupportedModelError
+from cbgen.engine.architectures import UnsupportedModelError
+from cbgen.engine.hf_forward import TransformersForward
 
 TEXTS = ["Paris is the capital of France.", "Hi", "Numbers: 0 1 2 3 4 5 6 7 8 9",
          "A journey of a thousand miles begins with a single step.", "Rome is the capital of Italy."]
 
 
-def greedy_all(loaded, n=10, **cfg):
+def greedy_all(loaded, n=10, impl=None, **cfg):
+    loaded = loaded if impl is None else dataclasses.replace(loaded, impl=impl)
     eng = Engine.from_loaded(loaded, EngineConfig(max_num_seqs=3, **cfg))
     ps = [loaded.tokenizer.encode(t) for t in TEXTS]
     outs = eng.generate(ps, [SamplingParams(max_new_tokens=n, min_new_tokens=n)] * len(ps))
@@ -33,8 +36,8 @@ def greedy_all(loaded, n=10, **cfg):
 
 @pytest.mark.parametrize("impl", ["native", "transformers"])
 def test_both_forwards_match_hf_greedy(sharp, impl):
-    eng, ps, got = greedy_all(sharp, model_impl=impl)
-    assert (eng.runner.native is not None) == (impl == "native")
+    eng, ps, got = greedy_all(sharp, impl=impl)
+    assert type(eng.model) is (LlamaForward if impl == "native" else TransformersForward)
     assert got == [hf_greedy(sharp.model, p, 10) for p in ps]
 
 
@@ -65,10 +68,10 @@ def test_packed_bf16_projection_is_bit_identical(bias):
 def test_bf16_engine_packs_and_agrees_with_transformers_forward(sharp):
     model = sharpen(sharp.model).to(torch.bfloat16)
     loaded = dataclasses.replace(sharp, model=model, dtype=torch.bfloat16)
-    eng, _, native = greedy_all(loaded, model_impl="native")
+    eng, _, native = greedy_all(loaded, impl="native")
     if _can_pack(model.dtype, model.device):   # packed at the first decode step
-        assert all(p.packed is not None for p in eng.runner.native.projections())
-    _, _, hf_modules = greedy_all(loaded, model_impl="transformers")
+        assert all(p.packed is not None for p in eng.model.projections())
+    _, _, hf_modules = greedy_all(loaded, impl="transformers")
     # Same math op for op; bf16 GEMM shapes differ (fused q/k/v), so allow a rare late flip.
     same = sum(a[:5] == b[:5] for a, b in zip(native, hf_modules))
     assert same >= len(TEXTS) - 1
@@ -89,10 +92,10 @@ def tiny_qwen3(sharp):
 def test_model_without_native_forward_uses_transformers_modules(tiny_qwen3):
     assert not LlamaForward.supports(tiny_qwen3.model)              # q_norm / k_norm
     eng, ps, got = greedy_all(tiny_qwen3)
-    assert eng.runner.native is None
+    assert type(eng.model) is TransformersForward
     assert got == [hf_greedy(tiny_qwen3.model, p, 10) for p in ps]
-    with pytest.raises(UnsupportedModelError, match="model_impl='native' does not support model type 'qwen3'"):
-        Engine.from_loaded(tiny_qwen3, EngineConfig(model_impl="native"))
+    with pytest.raises(UnsupportedModelError, match="impl='native' is unavailable: model type 'qwen3' has no native"):
+        Engine.from_loaded(dataclasses.replace(tiny_qwen3, impl="native"))
 
 
 # ---- loading without transformers' modelling code (cbgen/models/load.py, impl="native") ----
@@ -107,19 +110,17 @@ def sharp_dir(sharp, tmp_path_factory):
 
 def test_native_load_matches_hf_greedy(sharp, sharp_dir):
     from cbgen.config import ModelConfig
-    from cbgen.engine.llama import NativeLlama
     from cbgen.models import load_model, model_info
 
     loaded = load_model(ModelConfig(model=str(sharp_dir), dtype="float32", device="cpu"))   # impl auto
-    assert isinstance(loaded.model, NativeLlama)
+    assert isinstance(loaded.model, LlamaForward) and loaded.native
     info = model_info(loaded)
     assert info["implementation"].startswith("cbgen native")
     assert info["parameters"] == sum(p.numel() for p in sharp.model.parameters())
     assert loaded.max_model_len == sharp.max_model_len
     _, ps, got = greedy_all(loaded)
     assert got == [hf_greedy(sharp.model, p, 10) for p in ps]
-    with pytest.raises(UnsupportedModelError, match="model_impl='transformers' needs a model loaded by"):
-        Engine.from_loaded(loaded, EngineConfig(model_impl="transformers"))
+    assert info["attention"] == "2 full" and info["layers"] == 2
 
 
 def test_native_load_refuses_what_it_cannot_run(tiny_qwen3, tmp_path):
@@ -128,7 +129,7 @@ def test_native_load_refuses_what_it_cannot_run(tiny_qwen3, tmp_path):
 
     tiny_qwen3.model.save_pretrained(tmp_path)
     tiny_qwen3.tokenizer.save_pretrained(tmp_path)
-    with pytest.raises(ModelError, match="impl=native does not support model_type 'qwen3'"):
+    with pytest.raises(ModelError, match="impl='native' is unavailable: model type 'qwen3' has no native forward"):
         load_model(ModelConfig(model=str(tmp_path), dtype="float32", device="cpu", impl="native"))
     auto = load_model(ModelConfig(model=str(tmp_path), dtype="float32", device="cpu"))
     assert type(auto.model).__name__ == "Qwen3ForCausalLM"

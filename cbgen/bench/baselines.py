@@ -136,9 +136,9 @@ def _cb_config(model, wl: Workload, kv_cache_gb: float):
     means allocating many GB (and an attention mask that grows with the cache) up front."""
     from transformers import ContinuousBatchingConfig
 
-    from ..engine.runner import KVGeometry
+    from ..engine.architectures import spec_of
 
-    bytes_per_token = KVGeometry.of_config(model.config, model.dtype.itemsize).bytes_per_token
+    bytes_per_token = spec_of(model).kv_bytes_per_token
     cfg = ContinuousBatchingConfig()
     page = cfg.page_size
     need = sum(-(-(len(p) + wl.max_new_tokens) // page) for p in wl.prompts)

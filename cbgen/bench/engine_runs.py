@@ -65,7 +65,7 @@ def run_cbgen(make_engine: EngineFactory, wl: Workload, system: str = "cbgen") -
     st = engine.stats()
     res.notes.append(f"path={'Engine.generate (diagnostic)' if system == 'cbgen-direct' else 'Driver'}, "
                      f"attention={'native' if engine.runner.kernel else 'torch'}, "
-                     f"forward={'native' if engine.runner.native else 'transformers'}, "
+                     f"forward={type(engine.model).__name__}, "
                      f"max_num_seqs={engine.config.max_num_seqs}, budget={engine.config.max_num_batched_tokens} "
                      f"tokens/step, {st.num_kv_blocks} KV blocks, {st.num_steps} steps, "
                      f"prefix hit rate {st.prefix_hit_rate:.0%}, "

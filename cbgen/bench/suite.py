@@ -157,8 +157,7 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
 
     def ecfg(pure_torch: bool = False) -> EngineConfig:
         return EngineConfig(max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_batched_tokens,
-                            kv_cache_gb=opts.kv_cache_gb, attention="torch" if pure_torch else "auto",
-                            model_impl="transformers" if pure_torch else "auto")
+                            kv_cache_gb=opts.kv_cache_gb, attention="torch" if pure_torch else "auto")
 
     warm = Workload("warmup", prompts[:2], 4, True)
     need_cbgen = "cbgen" in opts.systems and (offline or any(x in opts.workloads for x in CBGEN_ONLY))

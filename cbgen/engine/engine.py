@@ -18,7 +18,10 @@ from .block_manager import BlockManager
 from .detokenizer import Detokenizer
 from .outputs import FinishReason, RequestOutput
 from .request import Request
-from .runner import ModelRunner, kv_geometry, num_blocks_for
+from .architectures import as_model
+from .model import Model
+from .model_spec import eos_ids
+from .runner import ModelRunner, num_blocks_for
 from .scheduler import Scheduler
 from .structured import GrammarCache
 from .structured_params import StructuredOutputsParams
@@ -51,15 +54,21 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, config: EngineConfig | None = None, *,
-                 max_model_len: int | None = None, eos_token_ids: tuple[int, ...] = ()) -> None:
+    def __init__(self, model: Model | Any, tokenizer, config: EngineConfig | None = None, *,
+                 impl: str = "auto") -> None:
+        """``model``: a Model (model.py), or a transformers causal LM, which is wrapped as
+        ``architectures.as_model(model, impl)`` says (its eos ids: generation config, then
+        the tokenizer's). Raises UnsupportedModelError for a model or ``impl`` it cannot serve."""
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
-        model_len = max_model_len or getattr(model.config, "max_position_embeddings", 2048)
-        self.max_model_len = min(model_len, self.config.max_model_len or model_len)
-        self.vocab_size = model.config.vocab_size
-        self.eos_token_ids = frozenset(eos_token_ids)
-        num_blocks = num_blocks_for(self.config, kv_geometry(model), self.max_model_len)
+        if not isinstance(model, Model):
+            model = as_model(model, impl, eos_token_ids=eos_ids(tokenizer, getattr(model, "generation_config", None)))
+        self.model = model
+        spec = model.spec
+        self.max_model_len = min(spec.max_model_len, self.config.max_model_len or spec.max_model_len)
+        self.vocab_size = spec.vocab_size
+        self.eos_token_ids = frozenset(spec.eos_token_ids)
+        num_blocks = num_blocks_for(self.config, spec, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.block_manager, self.max_model_len)
         self.runner = ModelRunner(model, self.config, num_blocks)
@@ -76,9 +85,13 @@ class Engine:
 
     @classmethod
     def from_loaded(cls, loaded, config: EngineConfig | None = None) -> "Engine":
-        from ..models import eos_token_ids
-        return cls(loaded.model, loaded.tokenizer, config, max_model_len=loaded.max_model_len,
-                   eos_token_ids=eos_token_ids(loaded.tokenizer, loaded.model))
+        """From a ``cbgen.models.LoadedModel`` (duck-typed: ``model``, ``tokenizer``, ``spec``, ``impl``)."""
+        model = loaded.model
+        if not isinstance(model, Model):
+            spec = loaded.spec
+            model = as_model(model, loaded.impl, max_model_len=spec.max_model_len if spec else None,
+                             eos_token_ids=spec.eos_token_ids if spec else eos_ids(loaded.tokenizer, model.generation_config))
+        return cls(model, loaded.tokenizer, config)
 
     # ---- submission (any thread) ----------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,

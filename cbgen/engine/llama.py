@@ -1,14 +1,14 @@
-"""A flat-batch forward for llama-family weights (llama, mistral, qwen2), used instead
-of transformers' module tree when the model allows it, and ``NativeLlama``, the
-model object for checkpoints loaded without transformers' modelling code at all
-(cbgen/models/load.py does that for plain-RoPE llama-family dirs: it saves ~1.6 s of
-imports at start-up).
+"""LlamaForward: the Model protocol (model.py) for llama-family weights (llama, mistral,
+qwen2), used instead of transformers' module tree when the model allows it. It runs
+over a transformers model's own weights (``for_model``) or straight from checkpoint
+tensors (``from_tensors``: cbgen/models/load.py does that, without importing
+transformers' modelling code at all, which saves ~1.6 s of start-up).
 
 Same math as transformers' LlamaModel, op for op where rounding matters (RMSNorm
 in float32 then cast, then the weight; RoPE as q*cos + rotate_half(q)*sin, with
 cos/sin from the model's own rotary module for transformers models, so every
 rope-scaling variant is honoured; natively loaded checkpoints are limited to the
-default RoPE, reproduced op for op by ``DefaultRope``), but:
+static RoPE types, reproduced op for op by ``Rope``), but:
 - one GEMM for q/k/v and one for gate/up: the weights are concatenated once and
   the original Linear weights become views into them (no extra memory, and the
   transformers path, e.g. HF ``generate`` on the same model, keeps working);
@@ -33,13 +33,13 @@ from __future__ import annotations
 import functools
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from .attention import PagedBatch, attend
+from .model_spec import ModelSpec
 
 NATIVE_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 
@@ -126,24 +126,47 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (x * cos) + (rotated * sin)
 
 
-class DefaultRope:
-    """transformers' default RoPE (rope_type "default"), op for op: same cos/sin bits."""
+# Rope types whose frequencies do not depend on the sequence length ("dynamic" and
+# "longrope" re-scale as a sequence grows: those checkpoints take transformers' modules).
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
-    def __init__(self, theta: float, head_dim: int) -> None:
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+
+class Rope:
+    """transformers' rotary embedding (``LlamaRotaryEmbedding``), op for op: same cos/sin bits.
+
+    ``inv_freq``: float32 [head_dim / 2]; ``attention_scaling`` multiplies cos and sin
+    (1.0 except for yarn-style types).
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
+        self.inv_freq, self.attention_scaling = inv_freq, attention_scaling
+
+    @classmethod
+    def default(cls, theta: float, head_dim: int) -> "Rope":
+        return cls(1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)))
+
+    @classmethod
+    def from_config(cls, config, rope_type: str) -> "Rope":
+        """A static scaled RoPE (``STATIC_ROPE_TYPES``) from a transformers config, through
+        ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`` (imported only here)."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        return cls(inv_freq.float(), float(scaling))
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq.to(device=x.device)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        if self.attention_scaling == 1.0:
+            return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
 
 class LlamaForward:
+    """The Model protocol (model.py) for llama-family weights; see the module docstring."""
+
     @staticmethod
     def supports(model) -> bool:
-        """Whether a transformers model can run through this forward."""
-        if isinstance(model, NativeLlama):
-            return True
+        """Whether a transformers model's module layout fits this forward."""
         c = model.config
         if c.model_type not in NATIVE_MODEL_TYPES or getattr(c, "hidden_act", "silu") != "silu":
             return False
@@ -152,16 +175,18 @@ class LlamaForward:
             not hasattr(layer.self_attn, "q_norm")
 
     @classmethod
-    def for_model(cls, model) -> "LlamaForward":
-        """One instance per model object (fusing is done once, however many engines are built).
+    def for_model(cls, model, spec: ModelSpec | None = None) -> "LlamaForward":
+        """Over a transformers model; one instance per model object (fusing is done once,
+        however many engines are built). ``spec`` defaults to the model's own.
 
         Rebuilt when the model's weights moved since (``model.to(dtype)`` or a deepcopy
         replaces the tensors the fused views point into)."""
-        if isinstance(model, NativeLlama):
-            return model.impl
         inst = getattr(model, "_cbgen_llama_forward", None)
         if inst is None or not inst._current(model):
-            inst = cls.from_hf(model)
+            if spec is None:
+                from .architectures import spec_of
+                spec = spec_of(model)
+            inst = cls.from_hf(model, spec)
             model._cbgen_llama_forward = inst
         return inst
 
@@ -171,7 +196,7 @@ class LlamaForward:
                 and q.data_ptr() == self.layers[0].qkv.w.data_ptr() and q.dtype == self.layers[0].qkv.w.dtype)
 
     @classmethod
-    def from_hf(cls, model) -> "LlamaForward":
+    def from_hf(cls, model, spec: ModelSpec) -> "LlamaForward":
         """Over a transformers model's own weights; q/k/v and gate/up become views of fused tensors."""
         c, base = model.config, model.model
         layers = []
@@ -183,15 +208,17 @@ class LlamaForward:
                     _Proj(a.o_proj.weight.detach(), a.o_proj.bias), layer.post_attention_layernorm.weight,
                     _Proj(*_fuse([m.gate_proj, m.up_proj])), _Proj(m.down_proj.weight.detach(), m.down_proj.bias)))
             lm_head = _Proj(model.lm_head.weight.detach(), None)
-        spec = SimpleNamespace(**{**c.to_dict(), "head_dim": head_dim_of(c)})
         embed = base.embed_tokens.weight
-        return cls(spec, embed, base.rotary_emb, layers, base.norm.weight, base.norm.variance_epsilon, lm_head,
-                   base.layers[0].self_attn.scaling, _can_pack(embed.dtype, embed.device))
+        return cls(spec, c.intermediate_size, embed, base.rotary_emb, layers, base.norm.weight,
+                   base.norm.variance_epsilon, lm_head, base.layers[0].self_attn.scaling,
+                   _can_pack(embed.dtype, embed.device))
 
     @classmethod
-    def from_tensors(cls, c: SimpleNamespace, get: Callable[[str], torch.Tensor | None]) -> "LlamaForward":
-        """From checkpoint tensors by their transformers names (``get`` returns None if absent),
-        already in the target dtype and device."""
+    def from_tensors(cls, spec: ModelSpec, c, get: Callable[[str], torch.Tensor | None]) -> "LlamaForward":
+        """From checkpoint tensors by their transformers names (``get`` returns None for a missing
+        bias), already in the target dtype and device; ``c``: config.json's fields as attributes
+        (``intermediate_size``, ``rms_norm_eps``, ``tie_word_embeddings``); a transformers config
+        object when the rope type is not "default" (its frequencies come from transformers)."""
         def proj(*names: str) -> _Proj:
             ws = [get(f"{n}.weight") for n in names]
             bs = [get(f"{n}.bias") for n in names]
@@ -199,7 +226,7 @@ class LlamaForward:
             b = None if bs[0] is None else bs[0] if len(bs) == 1 else torch.cat(bs)
             return _Proj(w, b)
         layers = []
-        for i in range(c.num_hidden_layers):
+        for i in range(spec.num_layers):
             p = f"model.layers.{i}."
             layers.append(_Layer(get(p + "input_layernorm.weight"),
                                  proj(*(p + f"self_attn.{x}_proj" for x in "qkv")), proj(p + "self_attn.o_proj"),
@@ -207,17 +234,40 @@ class LlamaForward:
                                  proj(p + "mlp.gate_proj", p + "mlp.up_proj"), proj(p + "mlp.down_proj")))
         embed = get("model.embed_tokens.weight")
         head = embed if c.tie_word_embeddings else get("lm_head.weight")
-        return cls(c, embed, DefaultRope(c.rope_theta, c.head_dim), layers, get("model.norm.weight"),
-                   c.rms_norm_eps, _Proj(head, None), c.head_dim ** -0.5, _can_pack(embed.dtype, embed.device))
+        rope_type = spec.layers[0].rope_type
+        rope = (Rope.default(spec.layers[0].rope_theta, spec.head_dim) if rope_type == "default"
+                else Rope.from_config(c, rope_type))
+        return cls(spec, c.intermediate_size, embed, rope, layers, get("model.norm.weight"), c.rms_norm_eps,
+                   _Proj(head, None), spec.head_dim ** -0.5, _can_pack(embed.dtype, embed.device))
 
-    def __init__(self, c, embed: torch.Tensor, rotary, layers: list[_Layer], norm: torch.Tensor, eps: float,
-                 lm_head: _Proj, scale: float, pack: bool) -> None:
+    def __init__(self, spec: ModelSpec, intermediate_size: int, embed: torch.Tensor, rotary, layers: list[_Layer],
+                 norm: torch.Tensor, eps: float, lm_head: _Proj, scale: float, pack: bool) -> None:
+        self.spec = spec
         self.embed, self.rotary, self.layers, self.norm, self.eps = embed, rotary, layers, norm, eps
         self.lm_head, self.scale, self.pack_pending = lm_head, scale, pack
-        self.num_heads = c.num_attention_heads
-        self.num_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        self.head_dim = c.head_dim
-        self.intermediate = c.intermediate_size
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.intermediate = intermediate_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        """Each distinct weight once (a tied LM head is the embedding)."""
+        yield self.embed
+        for L in self.layers:
+            yield from (L.in_norm, L.post_norm)
+            for p in (L.qkv, L.o, L.gate_up, L.down):
+                yield p.w
+                if p.b is not None:
+                    yield p.b
+        yield self.norm
+        if self.lm_head.w is not self.embed:
+            yield self.lm_head.w
 
     def projections(self) -> list[_Proj]:
         return [self.lm_head] + [p for L in self.layers for p in (L.qkv, L.o, L.gate_up, L.down)]
@@ -272,37 +322,3 @@ class LlamaForward:
         # After the last layer only the sampling rows matter (one per prefill chunk).
         _, x = add_norm(h[keep], mlp[keep], self.norm)
         return self.lm_head(x)
-
-
-class NativeLlama:
-    """A llama-family checkpoint loaded without transformers' modelling code.
-
-    Offers what the engine and front-ends read from a model: ``config`` (the
-    config.json fields as attributes), ``generation_config``, ``dtype``,
-    ``parameters()``; the forward itself is ``impl`` (a LlamaForward). It
-    cannot ``generate`` on its own: the engine is its only driver.
-    """
-
-    def __init__(self, config: SimpleNamespace, generation_config: SimpleNamespace, impl: LlamaForward) -> None:
-        self.config, self.generation_config, self.impl = config, generation_config, impl
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.impl.embed.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.impl.embed.device
-
-    def parameters(self) -> Iterator[torch.Tensor]:
-        """Each distinct weight once (a tied LM head is the embedding)."""
-        yield self.impl.embed
-        for L in self.impl.layers:
-            yield from (L.in_norm, L.post_norm)
-            for p in (L.qkv, L.o, L.gate_up, L.down):
-                yield p.w
-                if p.b is not None:
-                    yield p.b
-        yield self.impl.norm
-        if self.impl.lm_head.w is not self.impl.embed:
-            yield self.impl.lm_head.w

@@ -128,3 +128,13 @@ class ModelSpec:
         max_len = max_model_len or int(getattr(c, "max_position_embeddings", 0) or 2048)
         return cls(str(getattr(c, "model_type", "unknown")), hidden, heads, kv_heads, head_dim,
                    int(c.vocab_size), max_len, dtype, tuple(per_layer), tuple(eos_token_ids))
+
+
+def eos_ids(tokenizer: Any, generation_config: Any = None) -> tuple[int, ...]:
+    """Every id that ends a sequence: ``generation_config.eos_token_id`` (int or list), then the
+    tokenizer's eos, deduplicated in that order."""
+    ids = getattr(generation_config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))

@@ -9,73 +9,35 @@ request (no padding; positions per token) -> logits at each sampling position
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..config import EngineConfig, cache_root
 from . import fused_ops, paged_kernel
-from . import attention
+from .architectures import UnsupportedModelError
 from .attention import BatchSequence, PagedBatch, PrefillChunk
-from .llama import LlamaForward, NativeLlama, head_dim_of
 from .logprobs import PromptSpan, prompt_logprobs, prompt_span
+from .model import Model
+from .model_spec import ModelSpec
 from .sampler import GrammarMasks, SampleResult, sample
 from .scheduler import SchedulerOutput
 
-# Architectures whose transformers definition routes attention through
-# AttentionInterface with full causal attention (no sliding window, no
-# cross-layer cache sharing). Others are refused rather than served wrongly.
-SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "granite", "olmo2"}
+__all__ = ["ModelRunner", "UnsupportedModelError", "choose_kernel", "num_blocks_for"]
 
 
-class UnsupportedModelError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class KVGeometry:
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    dtype_bytes: int
-
-    @classmethod
-    def of_config(cls, c, dtype_bytes: int) -> "KVGeometry":
-        """From a transformers-style config (no check that the engine serves it)."""
-        kvh = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        return cls(c.num_hidden_layers, c.num_attention_heads, kvh, head_dim_of(c), dtype_bytes)
-
-    @property
-    def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
-
-
-def kv_geometry(model) -> KVGeometry:
-    c = model.config
-    if c.model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"model type {c.model_type!r} is not supported by the paged engine "
-            f"(supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})")
-    if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True):
-        raise UnsupportedModelError(f"model type {c.model_type!r} with sliding_window="
-                                    f"{c.sliding_window} is not supported by the paged engine")
-    return KVGeometry.of_config(c, model.dtype.itemsize)
-
-
-def num_blocks_for(cfg: EngineConfig, geo: KVGeometry, max_model_len: int) -> int:
+def num_blocks_for(cfg: EngineConfig, spec: ModelSpec, max_model_len: int) -> int:
     """The pool size: ``num_kv_blocks`` if given, else what ``kv_cache_gb`` holds,
     capped at what max_num_seqs full-length sequences could ever use."""
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
-    by_memory = int(cfg.kv_cache_gb * 2**30) // (geo.bytes_per_token * cfg.block_size)
+    by_memory = int(cfg.kv_cache_gb * 2**30) // max(1, spec.kv_bytes_per_token * cfg.block_size)
     per_seq = -(-max_model_len // cfg.block_size)
     return max(1, min(by_memory, cfg.max_num_seqs * per_seq + 1))
 
 
-def choose_kernel(model, device, cfg: EngineConfig) -> tuple[paged_kernel.PagedDecodeKernel | None, str]:
-    """The native decode-attention kernel for ``model`` under ``cfg``, or (None, why not)."""
+def choose_kernel(spec: ModelSpec, device, cfg: EngineConfig) -> tuple[paged_kernel.PagedDecodeKernel | None, str]:
+    """The native decode-attention kernel for a model of ``spec`` under ``cfg``, or (None, why not)."""
     if cfg.attention == "torch":
         return None, "attention='torch' was asked for"
     if device.type != "cpu":
@@ -85,57 +47,43 @@ def choose_kernel(model, device, cfg: EngineConfig) -> tuple[paged_kernel.PagedD
     kernel = paged_kernel.load(cache_root() / "kernels")
     if kernel is None:
         return None, "the native kernel could not be built here (no C compiler?)"
-    geo = kv_geometry(model)
-    if not kernel.supports(model.dtype, geo.num_heads, geo.num_kv_heads, geo.head_dim, cfg.block_size):
-        return None, (f"the native kernel does not support dtype={model.dtype}, heads="
-                      f"{geo.num_heads}/{geo.num_kv_heads}, head_dim={geo.head_dim}, block_size={cfg.block_size}")
+    dtype = getattr(torch, spec.dtype)
+    if not kernel.supports(dtype, spec.num_heads, spec.num_kv_heads, spec.head_dim, cfg.block_size):
+        return None, (f"the native kernel does not support dtype={dtype}, heads="
+                      f"{spec.num_heads}/{spec.num_kv_heads}, head_dim={spec.head_dim}, block_size={cfg.block_size}")
     return kernel, ""
 
 
 class ModelRunner:
-    def __init__(self, model, cfg: EngineConfig, num_blocks: int) -> None:
+    """Runs a ``Model`` (model.py) over the paged KV pool: one execute path for every implementation."""
+
+    def __init__(self, model: Model, cfg: EngineConfig, num_blocks: int) -> None:
         self.model = model
-        self.geo = geo = kv_geometry(model)
+        self.spec = spec = model.spec
         self.block_size = bs = cfg.block_size
-        self.device = next(model.parameters()).device
-        self.kernel, why = choose_kernel(model, self.device, cfg)
+        self.device = next(iter(model.parameters())).device
+        self.dtype = getattr(torch, spec.dtype)
+        self.kernel, why = choose_kernel(spec, self.device, cfg)
         if self.kernel is None and cfg.attention == "native":
             raise UnsupportedModelError(f"attention='native' is unavailable: {why}; use 'auto' or 'torch'")
-        self.native = self._pick_forward(cfg)
         # Native residual add + RMSNorm and greedy argmax: bf16 only (float32 keeps exact torch ops).
-        self.fused = (fused_ops.load(cache_root() / "kernels") if self.native is not None
-                      and model.dtype == torch.bfloat16 and self.device.type == "cpu" else None)
-        if self.native is None:
-            # Our function reads/writes the paged pool; transformers builds no mask for it.
-            model.set_attn_implementation(attention.register())
+        self.fused = (fused_ops.load(cache_root() / "kernels")
+                      if self.dtype == torch.bfloat16 and self.device.type == "cpu" else None)
         # One extra block at the end, zeroed and never written: padded decode-table
         # entries point at it (the kernel never reads them; the torch path gathers
         # and then zeroes every position past a sequence's length).
         self.null_block = num_blocks
-        kv_shape = (num_blocks + 1, geo.num_kv_heads, geo.head_dim, bs)   # see attention.py: token-minor
-        v_shape = ((num_blocks + 1) * bs, geo.num_kv_heads, geo.head_dim)
+        kv_shape = (num_blocks + 1, spec.num_kv_heads, spec.head_dim, bs)   # see attention.py: token-minor
+        v_shape = ((num_blocks + 1) * bs, spec.num_kv_heads, spec.head_dim)
         # torch.empty: pages are only touched (and counted in RSS) as blocks get used.
-        self.kv = [(torch.empty(kv_shape, dtype=model.dtype, device=self.device),
-                    torch.empty(v_shape, dtype=model.dtype, device=self.device))
-                   for _ in range(geo.num_layers)]
+        self.kv = [(torch.empty(kv_shape, dtype=self.dtype, device=self.device),
+                    torch.empty(v_shape, dtype=self.dtype, device=self.device))
+                   for _ in range(spec.num_layers)]
         for k, v in self.kv:
             k[self.null_block].zero_()
             v[self.null_block * bs:].zero_()
         self.num_forward_tokens = 0   # every token ever forwarded (the no-recompute check counts these)
         self.mask_worker = None       # structured.BitmaskWorker, made for the first constrained step
-
-    def _pick_forward(self, cfg: EngineConfig) -> LlamaForward | None:
-        if cfg.model_impl == "transformers":
-            if isinstance(self.model, NativeLlama):
-                raise UnsupportedModelError("model_impl='transformers' needs a model loaded by transformers "
-                                            "(this one was loaded natively; load it with impl='transformers')")
-            return None
-        if LlamaForward.supports(self.model):
-            return LlamaForward.for_model(self.model)
-        if cfg.model_impl == "native":
-            raise UnsupportedModelError(f"model_impl='native' does not support model type "
-                                        f"{self.model.config.model_type!r}; use 'auto' or 'transformers'")
-        return None
 
     def _batch(self, out: SchedulerOutput):
         dev, bs = self.device, self.block_size
@@ -183,7 +131,7 @@ class ModelRunner:
             if self.kernel is None:
                 j = torch.arange(width * bs, device=dev)
                 past = j.unsqueeze(0) >= lens.unsqueeze(1)                     # [nd, W * bs]
-                mask = torch.zeros(past.shape, dtype=self.model.dtype, device=dev).masked_fill_(past, float("-inf"))
+                mask = torch.zeros(past.shape, dtype=self.dtype, device=dev).masked_fill_(past, float("-inf"))
                 mask, pad = mask[:, None, None, :], past[:, None, :, None]
         prefills = []
         for flat, st, n, table in prefill_specs:
@@ -212,7 +160,7 @@ class ModelRunner:
         if self.mask_worker is None:
             from .structured import BitmaskWorker
             self.mask_worker = BitmaskWorker()
-        vocab = self.model.config.vocab_size
+        vocab = self.spec.vocab_size
         words = -(-vocab // 32)
         masks = GrammarMasks(rows, torch.zeros((len(rows), words), dtype=torch.int32))
 
@@ -242,15 +190,8 @@ class ModelRunner:
         self.num_forward_tokens += input_ids.shape[1]
         samplers = [s.request for s in out.scheduled if s.samples]
         pending = self._start_masks(samplers)
-        if self.native is not None:
-            logits = self.native.forward(input_ids[0], positions[0], batch, keep)
-        elif keep.numel() == 0:
-            self.model.base_model(input_ids=input_ids, position_ids=positions, use_cache=False, cbgen_batch=batch)
-            logits = None
-        else:
-            logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
-                                logits_to_keep=keep, cbgen_batch=batch).logits[0]
-        argmax = self.fused.argmax if self.fused is not None else None   # fused exists only with native
+        logits = self.model.forward(input_ids[0], positions[0], batch, keep)
+        argmax = self.fused.argmax if self.fused is not None else None
         # Sampling rows first (a contiguous slice), prompt-logprob rows after them.
         result = (sample(logits[:len(samplers)], samplers, argmax, self._masks(pending)) if samplers
                   else SampleResult([]))

