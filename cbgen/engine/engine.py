@@ -55,14 +55,19 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: Model | Any, tokenizer, config: EngineConfig | None = None, *,
-                 impl: str = "auto") -> None:
+                 impl: str = "auto", max_model_len: int | None = None,
+                 eos_token_ids: tuple[int, ...] | None = None) -> None:
         """``model``: a Model (model.py), or a transformers causal LM, which is wrapped as
-        ``architectures.as_model(model, impl)`` says (its eos ids: generation config, then
-        the tokenizer's). Raises UnsupportedModelError for a model or ``impl`` it cannot serve."""
+        ``architectures.as_model(model, impl)`` says, with ``max_model_len`` (default: its
+        config's) and ``eos_token_ids`` (default: its generation config's, then the
+        tokenizer's); both only apply to such a wrap, a Model carries its own in its spec.
+        Raises UnsupportedModelError for a model or ``impl`` it cannot serve."""
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
         if not isinstance(model, Model):
-            model = as_model(model, impl, eos_token_ids=eos_ids(tokenizer, getattr(model, "generation_config", None)))
+            if eos_token_ids is None:
+                eos_token_ids = eos_ids(tokenizer, getattr(model, "generation_config", None))
+            model = as_model(model, impl, max_model_len=max_model_len, eos_token_ids=tuple(eos_token_ids))
         self.model = model
         spec = model.spec
         self.max_model_len = min(spec.max_model_len, self.config.max_model_len or spec.max_model_len)

@@ -30,6 +30,7 @@ and returns logits at ``keep`` (or None when ``keep`` is empty: a prefill-only s
 
 from __future__ import annotations
 
+import copy
 import functools
 
 from dataclasses import dataclass
@@ -183,11 +184,14 @@ class LlamaForward:
         replaces the tensors the fused views point into)."""
         inst = getattr(model, "_cbgen_llama_forward", None)
         if inst is None or not inst._current(model):
-            if spec is None:
-                from .architectures import spec_of
-                spec = spec_of(model)
-            inst = cls.from_hf(model, spec)
+            from .architectures import spec_of
+            inst = cls.from_hf(model, spec or spec_of(model))
             model._cbgen_llama_forward = inst
+        if spec is not None and spec != inst.spec:
+            # Another engine on the same weights with its own eos ids or context length:
+            # a shallow copy shares every tensor (and the packing) but not the spec.
+            inst = copy.copy(inst)
+            inst.spec = spec
         return inst
 
     def _current(self, model) -> bool:
