@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import PagedBatch, attend
+from .model_spec import ModelSpec
 
 NATIVE_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 
@@ -218,6 +219,8 @@ class LlamaForward:
         self.num_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         self.head_dim = c.head_dim
         self.intermediate = c.intermediate_size
+        # Per layer: None (full) or the sliding window (Mistral's sliding_window, Qwen2's layer_types).
+        self.windows = ModelSpec.from_config(c, dtype=str(embed.dtype).removeprefix("torch.")).sliding_windows
 
     def projections(self) -> list[_Proj]:
         return [self.lm_head] + [p for L in self.layers for p in (L.qkv, L.o, L.gate_up, L.down)]
@@ -261,7 +264,7 @@ class LlamaForward:
                 q = _rope(qkv[:, :qd].view(T, H, D), cos3, sin3)
                 k = _rope(qkv[:, qd:qd + kd].view(T, KVH, D), cos3, sin3)
             v = qkv[:, qd + kd:].view(T, KVH, D)
-            o = attend(batch, i, q, k, v, self.scale)
+            o = attend(batch, i, q, k, v, self.scale, window=self.windows[i])
             h, x = add_norm(h, L.o(o.view(T, qd)), L.post_norm)
             gu = L.gate_up(x)
             mlp = L.down(F.silu(gu[:, :I]) * gu[:, I:])
