@@ -251,6 +251,8 @@ class LlamaForward:
         self.lm_head, self.scale, self.pack_pending = lm_head, scale, pack
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.intermediate = intermediate_size
+        # Per layer: None (full) or the sliding window (Mistral's sliding_window, Qwen2's layer_types).
+        self.windows = spec.sliding_windows
 
     @property
     def dtype(self) -> torch.dtype:
@@ -315,7 +317,7 @@ class LlamaForward:
                 q = _rope(qkv[:, :qd].view(T, H, D), cos3, sin3)
                 k = _rope(qkv[:, qd:qd + kd].view(T, KVH, D), cos3, sin3)
             v = qkv[:, qd + kd:].view(T, KVH, D)
-            o = attend(batch, i, q, k, v, self.scale)
+            o = attend(batch, i, q, k, v, self.scale, window=self.windows[i])
             h, x = add_norm(h, L.o(o.view(T, qd)), L.post_norm)
             gu = L.gate_up(x)
             mlp = L.down(F.silu(gu[:, :I]) * gu[:, I:])

@@ -133,16 +133,11 @@ class ModelRunner:
                 past = j.unsqueeze(0) >= lens.unsqueeze(1)                     # [nd, W * bs]
                 mask = torch.zeros(past.shape, dtype=self.dtype, device=dev).masked_fill_(past, float("-inf"))
                 mask, pad = mask[:, None, None, :], past[:, None, :, None]
-        prefills = []
-        for flat, st, n, table in prefill_specs:
-            ctx = st + n
-            if st == 0:
-                prefills.append(PrefillChunk(flat, flat + n, ctx, None, None))
-                continue
-            chunk_blocks = torch.tensor(table[:-(-ctx // bs)], device=dev)
-            q_pos = torch.arange(st, ctx, device=dev).unsqueeze(1)
-            causal = torch.arange(ctx, device=dev).unsqueeze(0) <= q_pos   # [n, ctx]
-            prefills.append(PrefillChunk(flat, flat + n, ctx, chunk_blocks, causal))
+        # Each chunk's masks (one per distinct window) are built by attention.py at the
+        # first layer that needs them and reused by the others (PrefillChunk.view).
+        prefills = [PrefillChunk(flat, flat + n, st + n,
+                                 None if st == 0 else torch.tensor(table[:-(-(st + n) // bs)], device=dev))
+                    for flat, st, n, table in prefill_specs]
         write_blocks = torch.tensor(blocks, device=dev)
         write_offsets = torch.tensor(offsets, device=dev)
         batch = PagedBatch(self.kv, bs, write_blocks, write_offsets, write_blocks * bs + write_offsets,

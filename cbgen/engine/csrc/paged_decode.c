@@ -8,8 +8,12 @@
  *   tables   [nd, table_stride]       block ids of each sequence
  *   lens     [nd]                     context length including the new token
  * Position t of sequence i lives in block tables[i][t / bs], offset t % bs.
+ * window: 0 for full causal attention; W > 0 for a sliding window: sequence i
+ * attends to positions [max(0, lens[i] - W), lens[i]) (the query at position
+ * q = lens[i] - 1 sees q - W < t <= q, as transformers' sliding_window_overlay),
+ * and table entries of blocks wholly before that are never read.
  * Requirements (checked, -1 otherwise): D % 16 == 0, D <= 256, bs % 16 == 0,
- * H % KVH == 0, H / KVH <= 8.
+ * H % KVH == 0, H / KVH <= 8, window >= 0. Prototypes: paged_decode.h.
  *
  * Why K is token-minor: q.K for 16 tokens is then D multiply-adds of a
  * broadcast q[d] with 16 contiguous keys, vectorised over tokens with no
@@ -37,6 +41,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "paged_decode.h"
 
 typedef float v16f __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
@@ -104,14 +109,18 @@ static inline v16f exp16_nonpos(v16f x) {
     return p * (v16f)e;
 }
 
-/* One (sequence i, kv head h) work item; s is scratch for G * (L rounded up to bs) scores. */
+/* One (sequence i, kv head h) work item over positions [first, L) of its context: blocks
+ * b0 = first / bs .. nb - 1 (whole blocks before the window are never read). s is scratch
+ * for G * (nb - b0) * bs scores, indexed from block b0. next_tab / next_nb: the next item's
+ * blocks from its own first one, to prefetch. */
 #define DEFINE_ITEM(NAME, T, LOAD16, LOAD1, STORE1)                                             \
 static inline __attribute__((always_inline)) void NAME(                                         \
     const int G, const int D, const T *q, const T *k, const T *v, T *out, const int32_t *tab,   \
-    int L, int H, int KVH, int bs, float scale, int i, int h, float *s,                         \
-    const int32_t *next_tab, int next_L, int next_h)                                            \
+    int first, int L, int H, int KVH, int bs, float scale, int i, int h, float *s,              \
+    const int32_t *next_tab, int next_nb, int next_h)                                           \
 {                                                                                               \
-    const int nb = (L + bs - 1) / bs, Lp = nb * bs, nc = D / 16;                                \
+    const int nb = (L + bs - 1) / bs, b0 = first / bs, Lp = (nb - b0) * bs, nc = D / 16;        \
+    const int lo = first - b0 * bs, hi = L - b0 * bs; /* the window in local slots */           \
     float qf[MAX_G][MAX_D];                                                                     \
     v16f acc[MAX_G][MAX_D / 16];                                                                \
     for (int g = 0; g < G; g++) {                                                               \
@@ -119,13 +128,13 @@ static inline __attribute__((always_inline)) void NAME(                         
         for (int d = 0; d < D; d++) qf[g][d] = LOAD1(qp[d]) * scale;                            \
         for (int c = 0; c < nc; c++) acc[g][c] = (v16f){0};                                     \
     }                                                                                           \
-    const int next_nb = next_tab ? (next_L + bs - 1) / bs : 0;                                  \
-    for (int b = 0; b < nb; b++) {                                                              \
+    for (int b = b0; b < nb; b++) {                                                             \
+        const int lb = b - b0;                                                                  \
         const T *kb = k + ((size_t)tab[b] * KVH + h) * (size_t)D * bs;                          \
         if (b + 1 < nb)                                                                         \
             prefetch_block((const char *)k, (const char *)v, tab[b + 1], h, KVH, D, bs, sizeof(T), 0); \
-        if (b < next_nb)                                                                        \
-            prefetch_block((const char *)k, (const char *)v, next_tab[b], next_h, KVH, D, bs, sizeof(T), 1); \
+        if (lb < next_nb)                                                                       \
+            prefetch_block((const char *)k, (const char *)v, next_tab[lb], next_h, KVH, D, bs, sizeof(T), 1); \
         for (int j = 0; j < bs; j += 16) {                                                      \
             v16f s0[MAX_G], s1[MAX_G]; /* two chains per head: even / odd d */                  \
             for (int g = 0; g < G; g++) { s0[g] = (v16f){0}; s1[g] = (v16f){0}; }               \
@@ -139,14 +148,16 @@ static inline __attribute__((always_inline)) void NAME(                         
             }                                                                                   \
             for (int g = 0; g < G; g++) {                                                       \
                 const v16f sum = s0[g] + s1[g];                                                 \
-                memcpy(s + (size_t)g * Lp + (size_t)b * bs + j, &sum, sizeof sum);              \
+                memcpy(s + (size_t)g * Lp + (size_t)lb * bs + j, &sum, sizeof sum);             \
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
     float inv[MAX_G];                                                                           \
     for (int g = 0; g < G; g++) {                                                               \
         float *sg = s + (size_t)g * Lp;                                                         \
-        for (int t = L; t < Lp; t++) sg[t] = -INFINITY; /* the last block's unused slots */     \
+        /* Slots outside [lo, hi): before the window in its first block, unused in the last. */ \
+        for (int t = 0; t < lo; t++) sg[t] = -INFINITY;                                         \
+        for (int t = hi; t < Lp; t++) sg[t] = -INFINITY;                                        \
         v16f mv = (v16f){0} - INFINITY, zv = (v16f){0};                                         \
         for (int t = 0; t < Lp; t += 16) { v16f x; memcpy(&x, sg + t, 64); mv = vmax(mv, x); }  \
         float m = mv[0];                                                                        \
@@ -159,15 +170,17 @@ static inline __attribute__((always_inline)) void NAME(                         
             zv += x;                                                                            \
         }                                                                                       \
         float z = 0.f;                                                                          \
-        for (int t = L; t < Lp; t++) z -= sg[t]; /* drop the unused slots' ~1e-38 */            \
+        for (int t = hi; t < Lp; t++) z -= sg[t]; /* drop the masked slots' ~1e-38 */           \
+        for (int t = 0; t < lo; t++) z -= sg[t];                                                \
         for (int e = 0; e < 16; e++) z += zv[e];                                                \
         inv[g] = 1.f / z;                                                                       \
     }                                                                                           \
-    for (int b = 0; b < nb; b++) {                                                              \
+    for (int b = b0; b < nb; b++) {                                                             \
         const T *vb = v + ((size_t)tab[b] * bs * KVH + h) * D;                                  \
-        const float *sb = s + (size_t)b * bs;                                                   \
+        const float *sb = s + (size_t)(b - b0) * bs;                                            \
+        const int j0 = b == b0 ? lo : 0;                                                        \
         const int n = L - b * bs < bs ? L - b * bs : bs;                                        \
-        for (int j = 0; j < n; j++) {                                                           \
+        for (int j = j0; j < n; j++) {                                                          \
             const T *vp = vb + (size_t)j * KVH * D;                                             \
             for (int c = 0; c < nc; c++) {                                                      \
                 const v16f vr = LOAD16(vp + 16 * c);                                            \
@@ -182,13 +195,17 @@ static inline __attribute__((always_inline)) void NAME(                         
     }                                                                                           \
 }
 
-#define CALL(G_, D_) ITEM(G_, D_, q, k, v, out, tab, lens[i], H, KVH, bs, scale, i, h, s, next_tab, next_L, next_h)
+#define CALL(G_, D_) ITEM(G_, D_, q, k, v, out, tab, first, lens[i], H, KVH, bs, scale, i, h, s, next_tab, next_nb, next_h)
+
+/* The first position sequence i attends to: the last `window` of its L (window 0: all). */
+static inline int window_start(int L, int window) { return window > 0 && L > window ? L - window : 0; }
 
 #define DEFINE_KERNEL(NAME, ITEM, T)                                                            \
 int NAME(const T *q, const T *k, const T *v, T *out, const int32_t *tables, int table_stride,  \
-         const int32_t *lens, int nd, int H, int KVH, int D, int bs, float scale, int nthreads) \
+         const int32_t *lens, int window, int nd, int H, int KVH, int D, int bs, float scale,   \
+         int nthreads)                                                                          \
 {                                                                                               \
-    if (D % 16 || D > MAX_D || bs % 16 || H % KVH || H / KVH > MAX_G) return -1;                \
+    if (D % 16 || D > MAX_D || bs % 16 || H % KVH || H / KVH > MAX_G || window < 0) return -1;  \
     const int G = H / KVH;                                                                      \
     int maxlen = 0;                                                                             \
     for (int i = 0; i < nd; i++) if (lens[i] > maxlen) maxlen = lens[i];                        \
@@ -204,8 +221,15 @@ int NAME(const T *q, const T *k, const T *v, T *out, const int32_t *tables, int 
             if (!s) continue;                                                                   \
             const int i = item / KVH, h = item % KVH, next = item + stride;                     \
             const int32_t *tab = tables + (size_t)i * table_stride;                             \
-            const int32_t *next_tab = next < n_items ? tables + (size_t)(next / KVH) * table_stride : NULL; \
-            const int next_L = next < n_items ? lens[next / KVH] : 0, next_h = next % KVH;     \
+            const int first = window_start(lens[i], window);                                    \
+            const int32_t *next_tab = NULL;                                                     \
+            int next_nb = 0;                                                                    \
+            if (next < n_items) {                                                               \
+                const int nl = lens[next / KVH], nb0 = window_start(nl, window) / bs;           \
+                next_tab = tables + (size_t)(next / KVH) * table_stride + nb0;                  \
+                next_nb = (nl + bs - 1) / bs - nb0;                                             \
+            }                                                                                   \
+            const int next_h = next % KVH;                                                      \
             if (G == 3 && D == 64) CALL(3, 64);                                                 \
             else if (G == 1 && D == 64) CALL(1, 64);                                            \
             else if (G == 4 && D == 64) CALL(4, 64);                                            \
@@ -213,6 +237,7 @@ int NAME(const T *q, const T *k, const T *v, T *out, const int32_t *tables, int 
             else if (G == 2 && D == 128) CALL(2, 128);                                          \
             else if (G == 4 && D == 128) CALL(4, 128);                                          \
             else if (G == 8 && D == 128) CALL(8, 128);                                          \
+            else if (G == 4 && D == 256) CALL(4, 256);                                          \
             else CALL(G, D);                                                                    \
         }                                                                                       \
         free(s);                                                                                \
