@@ -22,6 +22,9 @@ pytestmark = [pytest.mark.e2e,
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "The three primary colors are", "Water boils at", "import numpy as np\n",
            "The largest planet in our solar system is", "In 1969, the first person to walk on the Moon"]
+# One prompt past the 512-token window of the sliding layers.
+LONG = " ".join(f"Item {i}: the {['red', 'green', 'blue'][i % 3]} box holds {i * 7 % 13} stones." for i in range(60)) \
+    + " The box that holds the most stones is"
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +55,9 @@ def test_greedy_matches_hf_generate_under_concurrency(gemma):
     from cbgen.engine.engine import Engine
     native, hf = gemma
     tok = native.tokenizer
-    prompts = [tok.encode(p) for p in PROMPTS]
-    eng = Engine.from_loaded(native, EngineConfig(max_num_seqs=8, max_num_batched_tokens=64))
+    prompts = [tok.encode(p) for p in PROMPTS + [LONG]]
+    assert len(prompts[-1]) > 512
+    eng = Engine.from_loaded(native, EngineConfig(max_num_seqs=8, max_num_batched_tokens=128))
     outs = eng.generate(prompts, SamplingParams(max_new_tokens=24, min_new_tokens=24))
     same = sum(o.token_ids == hf_greedy(hf.model, p, 24) for o, p in zip(outs, prompts))
     assert same >= len(prompts) - 1, f"{same}/{len(prompts)} token-identical to HF generate"
