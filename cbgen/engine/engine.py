@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import EngineConfig, SamplingParams
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
+from .hf_fallback import TransformersFallback, make_fallback, needs_fallback
 from .outputs import FinishReason, RequestOutput
 from .request import Request
 from .runner import ModelRunner, kv_geometry, num_blocks_for
@@ -54,6 +55,14 @@ class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, *,
                  max_model_len: int | None = None, eos_token_ids: tuple[int, ...] = ()) -> None:
         self.config = config or EngineConfig()
+        self.notice: str | None = None   # one line for the front-end to print on stderr, once
+        # ---- the transformers fallback (hf_fallback.py); moves into cbgen/models/architectures.py ----
+        if needs_fallback(model, self.config.model_impl):
+            model = make_fallback(model)   # UnsupportedModelError (one line) for what cannot run at all
+        if isinstance(model, TransformersFallback):
+            self.config = replace(self.config, enable_prefix_caching=False)   # its caches are per sequence
+            self.notice = model.notice
+        # ---- end of the fallback branch ----
         self.tokenizer = tokenizer
         model_len = max_model_len or getattr(model.config, "max_position_embeddings", 2048)
         self.max_model_len = min(model_len, self.config.max_model_len or model_len)
@@ -63,6 +72,7 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.block_manager, self.max_model_len)
         self.runner = ModelRunner(model, self.config, num_blocks)
+        self._release_kv = getattr(model, "release", None)   # a model keeping its own KV cache (Model.release)
         self.grammars = GrammarCache(tokenizer, self.vocab_size, tuple(self.eos_token_ids))
         self._lock = threading.Lock()
         self._inbox: list[Request] = []
@@ -145,6 +155,9 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         outputs = self._drain_inbox()
         sched = self.scheduler.schedule()
+        if self._release_kv is not None:
+            for req in sched.preempted:
+                self._release_kv(req.key)   # recomputed from position 0 when readmitted
         outputs += [self._output(req, new_tokens=0) for req in sched.finished]
         if sched.is_empty:
             return outputs
@@ -229,6 +242,8 @@ class Engine:
 
     def _retire(self, req: Request) -> None:
         self._detok.pop(req.key, None)
+        if self._release_kv is not None:
+            self._release_kv(req.key)
         with self._lock:
             samples = self._live.get(req.request_id)
             if samples is not None and all(r.is_finished for r in samples):

@@ -53,6 +53,9 @@ class KVGeometry:
 
 
 def kv_geometry(model) -> KVGeometry:
+    spec = getattr(model, "spec", None)
+    if spec is not None:   # a Model (model.py): its spec has the geometry
+        return KVGeometry(spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.dtype_bytes)
     c = model.config
     if c.model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
@@ -94,6 +97,8 @@ def choose_kernel(model, device, cfg: EngineConfig) -> tuple[paged_kernel.PagedD
 
 class ModelRunner:
     def __init__(self, model, cfg: EngineConfig, num_blocks: int) -> None:
+        if not getattr(getattr(model, "spec", None), "kv_pool", True):
+            return self._init_own_kv(model, cfg, num_blocks)   # the transformers fallback
         self.model = model
         self.geo = geo = kv_geometry(model)
         self.block_size = bs = cfg.block_size
@@ -123,6 +128,20 @@ class ModelRunner:
             v[self.null_block * bs:].zero_()
         self.num_forward_tokens = 0   # every token ever forwarded (the no-recompute check counts these)
         self.mask_worker = None       # structured.BitmaskWorker, made for the first constrained step
+
+    def _init_own_kv(self, model, cfg: EngineConfig, num_blocks: int) -> None:
+        """A model that keeps its own KV cache (hf_fallback.TransformersFallback): no pool,
+        no kernel, no fused ops; its ``forward`` is called like the native one. The block
+        tables are still built (the block manager bounds its memory); they are unused."""
+        if cfg.attention == "native":
+            raise UnsupportedModelError("attention='native' is unavailable: the transformers fallback keeps "
+                                        "its own KV cache (no paged kernel); use 'auto' or 'torch'")
+        self.model = self.native = model
+        self.geo, self.block_size, self.device = kv_geometry(model), cfg.block_size, model.device
+        self.kernel = self.fused = None
+        self.null_block, self.kv = num_blocks, []
+        self.num_forward_tokens = 0
+        self.mask_worker = None
 
     def _pick_forward(self, cfg: EngineConfig) -> LlamaForward | None:
         if cfg.model_impl == "transformers":
