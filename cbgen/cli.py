@@ -73,6 +73,8 @@ def _engine(loaded, cfg: EngineConfig):
         engine = compute_thread().call(Engine.from_loaded, loaded, cfg)
     except (UnsupportedModelError, ValueError) as e:
         fail(str(e))
+    if engine.notice:   # e.g. the transformers fallback: a slower path, said once
+        err.print(escape(engine.notice), style="yellow", highlight=False, soft_wrap=True)
     # torch + transformers leave ~1M tracked objects; without this the first full
     # collection lands in an early step (~0.2 s, a tenth of the cold start).
     gc.freeze()

@@ -113,5 +113,5 @@ def as_model(obj: Any, impl: str = "auto", *, max_model_len: int | None = None,
     if how.impl == "transformers":
         from .hf_forward import TransformersForward
         return TransformersForward(obj, spec)
-    raise UnsupportedModelError(f"model type {spec.architecture!r} is not supported by the paged engine "
-                                f"(paged: {', '.join(sorted(PAGED_MODULES))})")
+    from .hf_fallback import make_fallback
+    return make_fallback(obj, spec)

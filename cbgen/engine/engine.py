@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import EngineConfig, SamplingParams
@@ -68,6 +68,10 @@ class Engine:
             if eos_token_ids is None:
                 eos_token_ids = eos_ids(tokenizer, getattr(model, "generation_config", None))
             model = as_model(model, impl, max_model_len=max_model_len, eos_token_ids=tuple(eos_token_ids))
+        self.notice: str | None = None   # one line for the front-end to print on stderr, once
+        if not model.spec.kv_pool:       # the transformers fallback (hf_fallback.py): caches per sequence
+            self.config = replace(self.config, enable_prefix_caching=False)
+            self.notice = model.notice
         self.model = model
         spec = model.spec
         self.max_model_len = min(spec.max_model_len, self.config.max_model_len or spec.max_model_len)
@@ -77,6 +81,7 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.block_manager, self.max_model_len)
         self.runner = ModelRunner(model, self.config, num_blocks)
+        self._release_kv = getattr(model, "release", None)   # a model keeping its own KV cache (Model.release)
         self.grammars = GrammarCache(tokenizer, self.vocab_size, tuple(self.eos_token_ids))
         self._lock = threading.Lock()
         self._inbox: list[Request] = []
@@ -163,6 +168,9 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         outputs = self._drain_inbox()
         sched = self.scheduler.schedule()
+        if self._release_kv is not None:
+            for req in sched.preempted:
+                self._release_kv(req.key)   # recomputed from position 0 when readmitted
         outputs += [self._output(req, new_tokens=0) for req in sched.finished]
         if sched.is_empty:
             return outputs
@@ -247,6 +255,8 @@ class Engine:
 
     def _retire(self, req: Request) -> None:
         self._detok.pop(req.key, None)
+        if self._release_kv is not None:
+            self._release_kv(req.key)
         with self._lock:
             samples = self._live.get(req.request_id)
             if samples is not None and all(r.is_finished for r in samples):

@@ -34,6 +34,10 @@ class Model(Protocol):
     the model dtype, or None when ``keep`` is empty (a prefill-only step).
 
     ``parameters()``: every distinct weight tensor once (for counts and memory).
+
+    ``release(key)``, optional: a model that keeps its own KV cache (``spec.kv_pool``
+    False: the transformers fallback, hf_fallback.py) forgets sequence ``key``'s
+    cache; the engine calls it when the sequence finishes, is aborted or preempted.
     """
 
     spec: ModelSpec

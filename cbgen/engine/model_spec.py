@@ -41,6 +41,9 @@ class ModelSpec:
     ``dtype`` is the compute dtype's name ("float32", "bfloat16", "float16").
     ``eos_token_ids``: every id that ends a sequence (generation config and
     tokenizer, in that order).
+    ``kv_pool``: False for a model that keeps its own KV cache (the transformers
+    fallback, hf_fallback.py): the runner allocates no pool, while the block
+    manager still counts blocks of ``kv_bytes_per_token``, which bounds that cache.
     """
     architecture: str              # transformers model_type, e.g. "llama", "gemma3_text"
     hidden_size: int
@@ -52,6 +55,7 @@ class ModelSpec:
     dtype: str
     layers: tuple[LayerAttention, ...]
     eos_token_ids: tuple[int, ...] = ()
+    kv_pool: bool = True
 
     @property
     def num_layers(self) -> int:

@@ -58,6 +58,8 @@ class ModelRunner:
     """Runs a ``Model`` (model.py) over the paged KV pool: one execute path for every implementation."""
 
     def __init__(self, model: Model, cfg: EngineConfig, num_blocks: int) -> None:
+        if not model.spec.kv_pool:
+            return self._init_own_kv(model, cfg, num_blocks)   # the transformers fallback
         self.model = model
         self.spec = spec = model.spec
         self.block_size = bs = cfg.block_size
@@ -84,6 +86,20 @@ class ModelRunner:
             v[self.null_block * bs:].zero_()
         self.num_forward_tokens = 0   # every token ever forwarded (the no-recompute check counts these)
         self.mask_worker = None       # structured.BitmaskWorker, made for the first constrained step
+
+    def _init_own_kv(self, model, cfg: EngineConfig, num_blocks: int) -> None:
+        """A model that keeps its own KV cache (hf_fallback.TransformersFallback): no pool,
+        no kernel, no fused ops; its ``forward`` is called like the native one. The block
+        tables are still built (the block manager bounds its memory); they are unused."""
+        if cfg.attention == "native":
+            raise UnsupportedModelError("attention='native' is unavailable: the transformers fallback keeps "
+                                        "its own KV cache (no paged kernel); use 'auto' or 'torch'")
+        self.model, self.spec = model, model.spec
+        self.block_size, self.device, self.dtype = cfg.block_size, model.device, model.dtype
+        self.kernel = self.fused = None
+        self.null_block, self.kv = num_blocks, []
+        self.num_forward_tokens = 0
+        self.mask_worker = None
 
     def _batch(self, out: SchedulerOutput):
         dev, bs = self.device, self.block_size

@@ -204,6 +204,9 @@ def _load_tokenizer(path: Path, model_type: str | None = None) -> Any:
 def _load_dir(path: Path, dtype: "torch.dtype", device: "torch.device") -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
+    from cbgen.engine.hf_fallback import checkpoint_refusal
+    if (why := checkpoint_refusal(path)) is not None:   # cannot run at all: say why in one line
+        raise ModelError(f"{path}: {why}")
     try:
         with _quiet_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(
