@@ -205,9 +205,9 @@ def test_engine_uses_the_fallback_without_prefix_caching_or_pool(tiny):
                                                128 * -(-1024 // BLOCK) + 1)
     with pytest.raises(UnsupportedModelError, match="attention='native' is unavailable"):
         _engine(model, tok, attention="native")
-    with pytest.raises(UnsupportedModelError, match="impl='native' is unavailable: model type 'gpt2' has no native"):
+    with pytest.raises(UnsupportedModelError, match=f"impl='native' is unavailable: model type '{model.config.model_type}' has no native"):
         _engine(model, tok, impl="native")
-    with pytest.raises(UnsupportedModelError, match="impl='transformers' is unavailable: model type 'gpt2' does not run"):
+    with pytest.raises(UnsupportedModelError, match=f"impl='transformers' is unavailable: model type '{model.config.model_type}' does not run"):
         _engine(model, tok, impl="transformers")
 
 
