@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--use-ray-address", action="store_true",
                     help="Join the cluster at $RAY_ADDRESS (default: each Ray run starts a local instance).")
+    ap.add_argument("--systems", default="plain,ray-2x1,ray-1x",
+                    help="Which runs, in order (plain is always first: the others are compared to it).")
     ap.add_argument("cbgen_args", nargs="*", help="More `cbgen run` options for every run, after --.")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
@@ -115,17 +117,22 @@ def main() -> None:
             prompts = os.path.join(tmp, "prompts.jsonl")
             with open(args.prompts, encoding="utf-8") as f, open(prompts, "w", encoding="utf-8") as g:
                 g.writelines(line for _, line in zip(range(args.limit), f))
+        extra = {"ray-2x1": ["--ray", "--workers", "2", "--cpus-per-worker", "1"],
+                 "ray-1x": ["--ray", "--workers", "1", "--cpus-per-worker", str(cores)]}
         plain = run("plain", [], args, prompts, tmp)
-        ray2 = run("ray-2x1", ["--ray", "--workers", "2", "--cpus-per-worker", "1"], args, prompts, tmp)
-        ray1 = run("ray-1x", ["--ray", "--workers", "1", "--cpus-per-worker", str(cores)], args, prompts, tmp)
+        others = {name: run(name, extra[name], args, prompts, tmp)
+                  for name in args.systems.split(",") if name in extra}
+    ray1 = others.get("ray-1x")
     n = plain.requests
     print(f"| system | e2e wall s | run wall s | requests | tokens | tok/s | vs plain | driver CPU ms/req | same texts |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for r in (plain, ray2, ray1):
+    for r in (plain, *others.values()):
         same = "yes" if r.texts == plain.texts else f"NO ({sum(r.texts.get(k) != v for k, v in plain.texts.items())} differ)"
         print(f"| {r.name} | {r.e2e_s:.1f} | {r.run_s:.2f} | {r.requests} | {r.tokens} | {r.tok_s:.1f} | "
               f"{r.tok_s / plain.tok_s:.2f}x | {1000 * r.driver_cpu_s_per_record:.2f} | {same} |")
     print()
+    if ray1 is None:
+        return
     print(f"Ray overhead per request (ray-1x run wall - plain run wall) / {n}: "
           f"{1000 * (ray1.run_s - plain.run_s) / max(n, 1):.2f} ms")
     print(f"Ray start-up (ray-1x e2e - run) - (plain e2e - run): "
