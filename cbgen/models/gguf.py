@@ -24,6 +24,7 @@ whole model de-quantised at once, because those ops are written for its loader's
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -193,26 +194,48 @@ class _Source:
 def _open(gguf: Path) -> _Source | None:
     """The file's reader, processor, name map and config; ``None`` where transformers reads the
     architecture through its newer conversion ops (then the whole-model path converts it)."""
+    import gguf as gguf_py
     import torch
-    from gguf import GGUFReader
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.integrations.gguf import is_gguf_arch_supported
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    reader = GGUFReader(str(gguf))
+    reader = gguf_py.GGUFReader(str(gguf))
     architecture = reader.fields["general.architecture"].contents()
     if is_gguf_arch_supported(architecture):
         return None
-    # As transformers' loader does: the processor gets the raw parsed config dict, the model the config.
-    parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)["config"]
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    with torch.device("meta"):  # names only: no memory
-        model = AutoModelForCausalLM.from_config(config)
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed)
-    names = get_gguf_hf_weights_map(model, processor)
+    with _lend_to_transformers(gguf_py, reader):
+        # What AutoConfig.from_pretrained(gguf_file=...) does for these architectures, without
+        # parsing the metadata once more. The processor gets the raw dict, the model the config,
+        # as in transformers' loader.
+        parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)["config"]
+        config = CONFIG_MAPPING[parsed["model_type"]].from_dict(dict(parsed))
+        with torch.device("meta"):  # names only: no memory
+            model = AutoModelForCausalLM.from_config(config)
+        processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed)
+        names = get_gguf_hf_weights_map(model, processor)
     config.architectures = [type(model).__name__]
     return _Source(reader, processor, names, config)
+
+
+@contextmanager
+def _lend_to_transformers(gguf_py: Any, reader: Any) -> Iterator[None]:
+    """Within: ``gguf.GGUFReader(...)`` returns ``reader``, and ``gguf.get_tensor_name_map`` is cached.
+
+    transformers' legacy loader imports both from gguf at call time. Parsing a GGUF's metadata
+    (a vocabulary of strings) takes seconds, and ``get_gguf_hf_weights_map`` rebuilds the name
+    table for every submodule (hundreds of times, ~10 s for SmolLM2) though it depends only on
+    (arch, layers). Not thread-safe: conversions run on cbgen's one compute thread.
+    """
+    saved = gguf_py.GGUFReader, gguf_py.get_tensor_name_map
+    gguf_py.GGUFReader = lambda *_args, **_kwargs: reader
+    gguf_py.get_tensor_name_map = functools.cache(saved[1])
+    try:
+        yield
+    finally:
+        gguf_py.GGUFReader, gguf_py.get_tensor_name_map = saved
 
 
 def _out_tensors(src: _Source, dtype: "torch.dtype") -> Iterator[OutTensor]:

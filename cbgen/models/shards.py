@@ -78,12 +78,12 @@ def write_shards(out: Path, tensors: Iterable[OutTensor], shard_bytes: int | Non
     if pending or not files:
         files.append(_flush(out, len(files), pending))
     if len(files) == 1:
-        files[0][0].rename(out / "model.safetensors")
+        files[0][0].replace(out / "model.safetensors")
         return total
     weight_map = {}
     for i, (path, names) in enumerate(files):
         final = out / f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-        path.rename(final)
+        path.replace(final)
         weight_map.update(dict.fromkeys(names, final.name))
     (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                         indent=2))
