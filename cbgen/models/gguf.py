@@ -118,8 +118,9 @@ def _convert_gguf(gguf: Path, dest: Path, status: Status, dtype: "torch.dtype | 
     with open(gguf, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ModelError(f"{gguf} is not a GGUF file (bad magic bytes)")
-    # ~4 s for the 98 MB embedded Q4_1 on 2 cores: scale that by size for the estimate.
-    eta = max(1, round(gguf.stat().st_size / 98e6 * 4))
+    # On 2 idle cores: ~4 s of metadata and tokenizer, then ~3 s per 98 MB of tensors (the embedded
+    # Q4_1); about 3x that under a full load (1.3 GB Q8_0: 104-122 s at load average 7).
+    eta = round(4 + gguf.stat().st_size / 98e6 * 3)
     status(f"converting {gguf.name} (one-time, ~{eta} s)…")
     t0 = time.perf_counter()
     try:
