@@ -307,6 +307,53 @@ def info(model: Optional[str] = ModelOpt, dtype: str = DtypeOpt, threads: Option
         typer.echo(f"{k:<18} {v}")
 
 
+cache_app = typer.Typer(no_args_is_help=True, help="GGUF conversions in the cache ($CBGEN_CACHE, else "
+                        "~/.cache/cbgen): list, remove, prune.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls() -> None:
+    """Each conversion (model, dtype, size, created, whether its GGUF is still there unchanged), then the kernel dir."""
+    from .models.cache import ls_lines
+    for line in ls_lines():
+        typer.echo(line)
+
+
+@cache_app.command("rm")
+def cache_rm(names: Optional[list[str]] = typer.Argument(None, help="A model name (all its dtypes) or a dir "
+                                                         "name from `cbgen cache ls`."),
+             all_: bool = typer.Option(False, "--all", help="Every conversion, and stale temp dirs.")) -> None:
+    """Remove conversions; the next load of their GGUF converts it again."""
+    from .models import cache
+    if bool(names) == all_:
+        fail("give NAME... or --all", code=1)
+    found = cache.list_conversions()
+    chosen, unknown = (found, []) if all_ else cache.select(found, names)
+    if unknown:
+        fail(f"no conversion named {', '.join(unknown)} in {cache.gguf_dir()} (see `cbgen cache ls`)", code=1)
+    doomed = [(c.path, f"{c.name} {c.dtype} {cache.human_size(c.size_bytes)}") for c in chosen]
+    doomed += [(p, "stale temp dir") for p, stale in cache.temp_dirs() if stale and all_]
+    for path, what in doomed:
+        try:
+            cache.remove(path)
+        except OSError as e:
+            fail(f"cannot remove {path}: {e}", code=1)
+        typer.echo(f"removed {what} ({path.name})")
+
+
+@cache_app.command("prune")
+def cache_prune() -> None:
+    """Remove conversions whose GGUF is gone or changed or whose format is old, and stale temp dirs."""
+    from .models import cache
+    try:
+        removed = cache.prune()
+    except OSError as e:
+        fail(f"cannot prune {cache.gguf_dir()}: {e}", code=1)
+    for path, reason in removed:
+        typer.echo(f"removed {reason} ({path.name})")
+
+
 @app.command()
 def chat(
     model: Optional[str] = ModelOpt,

@@ -285,7 +285,7 @@ def test_embedded_first_load_converts_then_hits_cache(tmp_path):
     second = load_model(ModelConfig(dtype="float32", cache_dir=str(tmp_path)), status=msgs.append)
     print(f"\nembedded: converting load {first.load_seconds:.2f} s, cached load {second.load_seconds:.2f} s")
     assert first.converted and not second.converted and second.path == first.path
-    assert msgs[0] == f"converting {resolve_mod.EMBEDDED_FILE} (one-time, ~15 s)…" and len(msgs) == 2
+    assert msgs[0] == f"converting {resolve_mod.EMBEDDED_FILE} (one-time, ~7 s)…" and len(msgs) == 2
     assert gguf_dir_entries(tmp_path) == [first.path.name]
 
 

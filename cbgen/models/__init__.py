@@ -1,8 +1,9 @@
 """The model wing: resolve what ``--model`` names, convert GGUF files, load, describe.
 
 One noun a module: ``resolve`` (what a spec names, no loading), ``gguf``
-(conversion into the cache), ``load`` (device, dtype, weights, tokenizer),
-``info`` (``cbgen info``), ``errors``. The engine never imports from here:
+(conversion into the cache), ``shards`` (safetensors written tensor by tensor),
+``cache`` (``cbgen cache``: list, remove, prune), ``load`` (device, dtype,
+weights, tokenizer), ``info`` (``cbgen info``), ``errors``. The engine never imports from here:
 what it needs travels in the loaded model.
 
 cbgen never downloads: ``HF_HUB_OFFLINE=1`` is defaulted before

