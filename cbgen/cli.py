@@ -29,6 +29,9 @@ DtypeOpt = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 (auto
 ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: all cores).")
 ImplOpt = typer.Option("auto", "--impl", help="How the model runs: auto | native (cbgen's own forward) | "
                        "transformers (its modules, paged attention). auto: the fastest that serves it.")
+DeterministicOpt = typer.Option(False, "--deterministic", help="Batch-invariant: a greedy or seeded output "
+                                "depends only on its prompt and params, not on what else runs (costs speed at "
+                                "small batch; README).")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -56,11 +59,12 @@ def _load(model: str | None, dtype: str, threads: int | None, chat_template: str
 
 
 def _engine_config(max_num_seqs: int, max_batched_tokens: int, kv_cache_gb: float, prefix_cache: bool,
-                   attention: str = "auto") -> EngineConfig:
+                   attention: str = "auto", deterministic: bool = False) -> EngineConfig:
     """Validated before the model loads, so a bad option fails in milliseconds."""
     try:
         return EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens,
-                            kv_cache_gb=kv_cache_gb, enable_prefix_caching=prefix_cache, attention=attention)
+                            kv_cache_gb=kv_cache_gb, enable_prefix_caching=prefix_cache, attention=attention,
+                            deterministic=deterministic)
     except ValueError as e:
         fail(str(e))
 
@@ -162,6 +166,7 @@ def run(
     no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache"),
     attention: str = typer.Option("auto", "--attention",
                                   help="Decode attention: auto | native (C kernel, built once) | torch."),
+    deterministic: bool = DeterministicOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary on stderr."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Live view on stderr (default: when stderr is a terminal)."),
@@ -215,7 +220,7 @@ def run(
     except ValueError as e:
         fail(str(e))
     structured = _structured(json_mode, json_schema, regex, choice, grammar)
-    cfg = _engine_config(max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention)
+    cfg = _engine_config(max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention, deterministic)
     loaded = _load(model, dtype, threads, _chat_template(chat_template), impl)
     if validate:
         from .frontends.validate import validate_inputs
@@ -371,6 +376,7 @@ def chat(
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     max_num_seqs: int = typer.Option(16, "--max-num-seqs"),
+    deterministic: bool = DeterministicOpt,
     json_log: Optional[str] = typer.Option(None, "--json-log", help="Append every prompt and answer to FILE "
                                            "as `cbgen run` JSONL records, each as it finishes."),
 ) -> None:
@@ -378,7 +384,8 @@ def chat(
     or a file, each line is a prompt (or a /command); answers go to stdout in input order."""
     from .frontends.chat import run_chat
     defaults = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, None, 1)
-    cfg = _engine_config(max_num_seqs, max(256, max_num_seqs), EngineConfig.kv_cache_gb, True)
+    cfg = _engine_config(max_num_seqs, max(256, max_num_seqs), EngineConfig.kv_cache_gb, True,
+                         deterministic=deterministic)
     if json_log:
         try:   # before the model loads: a typo'd directory fails in milliseconds
             open(json_log, "a", encoding="utf-8").close()

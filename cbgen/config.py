@@ -172,6 +172,11 @@ class EngineConfig:
     # (built once with the system C compiler), "torch" = gather + SDPA,
     # "auto" = native when it builds and supports the model's shapes.
     attention: str = "auto"
+    # Batch-invariant execution (cbgen/engine/batch_invariant.py): a request's greedy or
+    # seeded output depends only on its prompt and params, not on the batch, chunked-prefill
+    # boundaries, prefix-cache hits, preemption or the thread count. Needs the native
+    # forward and the native attention kernel.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _check(_is_int(self.max_num_seqs) and 1 <= self.max_num_seqs <= 4096,
@@ -193,6 +198,9 @@ class EngineConfig:
                "long_prefill_token_threshold", self.long_prefill_token_threshold, "an integer >= 0")
         _check(self.attention in ("auto", "native", "torch"),
                "attention", self.attention, "one of auto, native, torch")
+        _check(isinstance(self.deterministic, bool), "deterministic", self.deterministic, "true or false")
+        _check(not (self.deterministic and self.attention == "torch"), "attention", self.attention,
+               "auto or native with deterministic (batch invariance needs the native kernel)")
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,32 @@ def test_cancel_2_stops_only_2(chat):
     assert handle(chat, "/cancel 9").startswith("no sequence 9")
 
 
+def test_set_deterministic_switches_the_engine_between_steps(chat, engine):
+    """/set deterministic on|off (EngineConfig.deterministic): an answer is then the same bits
+    alone and beside others (tests/test_deterministic.py checks every other way in depth)."""
+    assert handle(chat, "/set deterministic") == "deterministic=off"
+    assert handle(chat, "/set deterministic maybe") == "deterministic: 'maybe' is not on or off"
+    assert handle(chat, "/set deterministic on").startswith("deterministic on:")
+    assert engine.config.deterministic and engine.runner.row_tile is not None
+    assert handle(chat, "/set deterministic") == "deterministic=on"
+    handle(chat, "/set temperature 0")
+    handle(chat, "Tell me a story about the sea")
+    pump(chat, all_done(chat))
+    for p in ("one two three", "Tell me a story about the sea", "four five six seven"):
+        handle(chat, p)
+    pump(chat, all_done(chat))
+    assert chat.seqs[1].text == chat.seqs[3].text and chat.seqs[1].num_tokens == 24
+    assert handle(chat, "/set deterministic off").startswith("deterministic off")
+    assert not engine.config.deterministic and engine.runner.row_tile is None
+
+
+def test_set_deterministic_is_refused_where_it_cannot_hold(chat, engine, monkeypatch):
+    monkeypatch.setattr(engine.runner, "kernel", None)
+    assert handle(chat, "/set deterministic on").startswith(
+        "deterministic cannot be switched on: deterministic needs the native attention kernel")
+    assert not engine.config.deterministic
+
+
 def test_set_validates_through_sampling_params(chat):
     assert handle(chat, "/set temperature -1") == \
         "temperature=-1.0 is invalid: expected a number in [0, 100] (0 = greedy)"

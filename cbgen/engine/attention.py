@@ -125,6 +125,9 @@ class PagedBatch:
     fused: FusedOps | None = None                # native residual add + RMSNorm (bf16 native forward only)
     sequences: tuple[BatchSequence, ...] = ()    # in flat-batch order
     window_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # torch decode masks by window
+    # Deterministic mode (batch_invariant.py): GEMM row tile; None = plain F.linear. With it the
+    # runner also makes every token a "decode" row of the kernel (no prefill chunks).
+    row_tile: int | None = None
 
     def decode_mask_for(self, window: int | None) -> torch.Tensor:
         """The torch decode path's additive mask [num_decodes, 1, 1, W * bs] for ``window``:

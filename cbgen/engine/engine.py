@@ -93,6 +93,14 @@ class Engine:
         self._special: frozenset[int] | None = None     # special token ids, built with _token_bytes
         self._token_bytes: TokenBytes | None = None   # built at the first logprobs output
 
+    def set_deterministic(self, on: bool) -> None:
+        """Switch batch-invariant execution (EngineConfig.deterministic) on or off from the
+        next step. Requests already running keep the KV they computed before the switch, so
+        only requests added after it are covered. Raises UnsupportedModelError (from the
+        runner) where it cannot hold; the setting is then unchanged."""
+        self.runner.set_deterministic(on)
+        self.config = replace(self.config, deterministic=on)
+
     @classmethod
     def from_loaded(cls, loaded, config: EngineConfig | None = None) -> "Engine":
         """From a ``cbgen.models.LoadedModel`` (duck-typed: ``model``, ``tokenizer``, ``spec``, ``impl``)."""

@@ -96,6 +96,7 @@ class Gemma3Forward:
     """A Gemma 3 causal LM over the paged KV cache (implements ``model.Model``)."""
 
     spec: ModelSpec
+    batch_invariant = True   # honours PagedBatch.row_tile (batch_invariant.py)
 
     @staticmethod
     def supports(model) -> bool:
@@ -244,23 +245,23 @@ class Gemma3Forward:
         T = ids.shape[0]
         H, KVH, D, I = self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim, self.intermediate
         qd, kd = H * D, KVH * D
-        eps = self.eps
+        eps, tile = self.eps, batch.row_tile
         h = F.embedding(ids, self.embed) * self.embed_scale
         rope = {t: tuple(x.unsqueeze(1) for x in r(positions, h.dtype)) for t, r in self.ropes.items()}  # [T, 1, D]
         for i, L in enumerate(self.layers):
             x = _norm(h, L.in_norm, eps)
-            qkv = L.qkv(x)
+            qkv = L.qkv(x, tile)
             q = _norm(qkv[:, :qd].view(T, H, D), L.q_norm, eps)
             k = _norm(qkv[:, qd:qd + kd].view(T, KVH, D), L.k_norm, eps)
             v = qkv[:, qd + kd:].view(T, KVH, D)
             cos, sin = rope[self.layer_types[i]]
             o = attend(batch, i, _rope(q, cos, sin), _rope(k, cos, sin), v, self.scale, window=self.windows[i])
-            h = h + _norm(L.o(o.reshape(T, qd)), L.post_attn_norm, eps)
-            gu = L.gate_up(_norm(h, L.pre_ff_norm, eps))
-            h = h + _norm(L.down(F.gelu(gu[:, :I], approximate="tanh") * gu[:, I:]), L.post_ff_norm, eps)
+            h = h + _norm(L.o(o.reshape(T, qd), tile), L.post_attn_norm, eps)
+            gu = L.gate_up(_norm(h, L.pre_ff_norm, eps), tile)
+            h = h + _norm(L.down(F.gelu(gu[:, :I], approximate="tanh") * gu[:, I:], tile), L.post_ff_norm, eps)
         if keep.numel() == 0:
             return None
-        logits = self.lm_head(_norm(h[keep], self.norm, eps))
+        logits = self.lm_head(_norm(h[keep], self.norm, eps), tile)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

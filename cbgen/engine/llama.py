@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import PagedBatch, attend
+from .batch_invariant import tiled
 from .model_spec import ModelSpec
 
 NATIVE_MODEL_TYPES = {"llama", "mistral", "qwen2"}
@@ -62,8 +63,12 @@ class _Proj:
     def _packed(self, x: torch.Tensor, packed) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.b, "none", [], "")
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.w, self.b) if self.packed is None else self._packed(x, self.packed)
+
+    def __call__(self, x: torch.Tensor, row_tile: int | None = None) -> torch.Tensor:
+        """x [T, in] -> [T, out]; with ``row_tile``, on fixed row tiles (batch_invariant.py)."""
+        return self._linear(x) if row_tile is None else tiled(self._linear, x, row_tile)
 
 
 def _can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -164,6 +169,8 @@ class Rope:
 
 class LlamaForward:
     """The Model protocol (model.py) for llama-family weights; see the module docstring."""
+
+    batch_invariant = True   # honours PagedBatch.row_tile (batch_invariant.py)
 
     @staticmethod
     def supports(model) -> bool:
@@ -298,7 +305,7 @@ class LlamaForward:
         cos, sin = self.rotary(h.unsqueeze(0), positions.unsqueeze(0))
         cos, sin = cos[0].contiguous(), sin[0].contiguous()                  # [T, D]
         cos3, sin3 = cos.unsqueeze(1), sin.unsqueeze(1)                      # [T, 1, D], per head
-        eps, fused = self.eps, batch.fused
+        eps, fused, tile = self.eps, batch.fused, batch.row_tile
         last = len(self.layers) - 1
 
         def add_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor):
@@ -310,7 +317,7 @@ class LlamaForward:
 
         h, x = add_norm(h, None, self.layers[0].in_norm)
         for i, L in enumerate(self.layers):
-            qkv = L.qkv(x)
+            qkv = L.qkv(x, tile)
             if fused is not None:
                 q, k = fused.rope_qk(qkv, cos, sin, H, KVH)
             else:
@@ -318,13 +325,13 @@ class LlamaForward:
                 k = _rope(qkv[:, qd:qd + kd].view(T, KVH, D), cos3, sin3)
             v = qkv[:, qd + kd:].view(T, KVH, D)
             o = attend(batch, i, q, k, v, self.scale, window=self.windows[i])
-            h, x = add_norm(h, L.o(o.view(T, qd)), L.post_norm)
-            gu = L.gate_up(x)
-            mlp = L.down(F.silu(gu[:, :I]) * gu[:, I:])
+            h, x = add_norm(h, L.o(o.view(T, qd), tile), L.post_norm)
+            gu = L.gate_up(x, tile)
+            mlp = L.down(F.silu(gu[:, :I]) * gu[:, I:], tile)
             if i < last:
                 h, x = add_norm(h, mlp, self.layers[i + 1].in_norm)
         if keep.numel() == 0:
             return None
         # After the last layer only the sampling rows matter (one per prefill chunk).
         _, x = add_norm(h[keep], mlp[keep], self.norm)
-        return self.lm_head(x)
+        return self.lm_head(x, tile)

@@ -16,6 +16,7 @@ import torch
 from ..config import EngineConfig, cache_root
 from . import fused_ops, paged_kernel
 from .architectures import UnsupportedModelError
+from .batch_invariant import row_tile_for
 from .attention import BatchSequence, PagedBatch, PrefillChunk
 from .logprobs import PromptSpan, prompt_logprobs, prompt_span
 from .model import Model
@@ -86,6 +87,28 @@ class ModelRunner:
             v[self.null_block * bs:].zero_()
         self.num_forward_tokens = 0   # every token ever forwarded (the no-recompute check counts these)
         self.mask_worker = None       # structured.BitmaskWorker, made for the first constrained step
+        # Deterministic mode's two fixes (batch_invariant.py), set together by set_deterministic:
+        # GEMMs on tiles of row_tile rows, and every token its own attention-kernel row.
+        self.row_tile: int | None = None
+        self.per_token_attention = False
+        if cfg.deterministic:
+            self.set_deterministic(True)
+
+    def set_deterministic(self, on: bool) -> None:
+        """Batch-invariant steps from the next one on (batch_invariant.py): GEMMs on fixed row
+        tiles, every token's attention through the native kernel. Raises UnsupportedModelError
+        where that cannot hold (no native kernel, or a model that does not tile its GEMMs)."""
+        if not on:
+            self.row_tile, self.per_token_attention = None, False
+            return
+        if not getattr(self.model, "batch_invariant", False):
+            raise UnsupportedModelError(
+                f"deterministic needs cbgen's native forward (llama, mistral, qwen2, gemma3_text); "
+                f"{self.spec.architecture} runs through {type(self.model).__name__}, whose GEMMs are not batch-invariant")
+        if self.kernel is None:
+            raise UnsupportedModelError("deterministic needs the native attention kernel, which is unavailable: "
+                                        "check --attention and that a C compiler is installed")
+        self.row_tile, self.per_token_attention = row_tile_for(self.dtype), True
 
     def _init_own_kv(self, model, cfg: EngineConfig, num_blocks: int) -> None:
         """A model that keeps its own KV cache (hf_fallback.TransformersFallback): no pool,
@@ -100,9 +123,15 @@ class ModelRunner:
         self.null_block, self.kv = num_blocks, []
         self.num_forward_tokens = 0
         self.mask_worker = None
+        self.row_tile, self.per_token_attention = None, False
+        if cfg.deterministic:
+            self.set_deterministic(True)
 
     def _batch(self, out: SchedulerOutput):
         dev, bs = self.device, self.block_size
+        # Deterministic: every token is a kernel row of its own (prefill tokens too), so a
+        # token's attention is reduced the same way whether it was prefilled or decoded.
+        per_token = self.per_token_attention
         ids: list[int] = []
         pos: list[int] = []
         blocks: list[int] = []
@@ -130,10 +159,10 @@ class ModelRunner:
                 spans.append(span)
                 first = flat + span.start - 1 - st
                 prompt_rows.extend(range(first, first + span.count))
-            if n == 1:
+            if n == 1 or per_token:
                 assert flat == len(dec_lens), "decodes come first"
-                dec_tables.append(table)
-                dec_lens.append(st + 1)
+                dec_tables.extend([table] * n)
+                dec_lens.extend(range(st + 1, st + n + 1))
             else:
                 prefill_specs.append((flat, st, n, table))
 
@@ -158,7 +187,7 @@ class ModelRunner:
         write_offsets = torch.tensor(offsets, device=dev)
         batch = PagedBatch(self.kv, bs, write_blocks, write_offsets, write_blocks * bs + write_offsets,
                            len(dec_lens), tables, lens, mask, pad, prefills, self.kernel, self.fused,
-                           tuple(sequences))
+                           tuple(sequences), row_tile=self.row_tile)
         return (torch.tensor(ids, device=dev).unsqueeze(0), torch.tensor(pos, device=dev).unsqueeze(0),
                 torch.tensor(keep + prompt_rows, dtype=torch.long, device=dev), batch, spans)
 

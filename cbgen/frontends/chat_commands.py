@@ -179,7 +179,8 @@ def _number(key: str, raw: str, kind: type):
 
 
 @command("/set", "[KEY [VALUE]]", "show or change a sampling default for new prompts "
-         "(e.g. /set temperature 0.2); /set json on|off, /set schema FILE|off: JSON answers")
+         "(e.g. /set temperature 0.2); /set json on|off, /set schema FILE|off: JSON answers; "
+         "/set deterministic on|off: answers independent of the batch")
 def _set(s: ChatSession, arg: str) -> str:
     current = s.defaults.to_dict()
     if not arg:
@@ -188,6 +189,8 @@ def _set(s: ChatSession, arg: str) -> str:
     key, raw = ALIASES.get(key, key), raw.strip()
     if key in STRUCTURED_KEYS:
         return set_structured(s, key, raw)
+    if key == "deterministic":
+        return _set_deterministic(s, raw)
     if key in _NOT_SETTABLE:
         return f"{key} cannot be set: {_NOT_SETTABLE[key]}"
     if key not in current:
@@ -201,6 +204,24 @@ def _set(s: ChatSession, arg: str) -> str:
     except ValueError as e:
         return str(e)
     return f"{key}={s.defaults.to_dict()[key]!r} for new prompts"
+
+
+def _set_deterministic(s: ChatSession, raw: str) -> str:
+    """/set deterministic on|off: the engine's batch-invariant mode (EngineConfig.deterministic)."""
+    engine = s.driver.engine
+    if not raw:
+        return f"deterministic={'on' if engine.config.deterministic else 'off'}"
+    if raw.lower() not in ("on", "off", "true", "false", "1", "0"):
+        return f"deterministic: {raw!r} is not on or off"
+    on = raw.lower() in ("on", "true", "1")
+    try:
+        s.driver.set_deterministic(on)
+    except ValueError as e:   # UnsupportedModelError: this model or kernel cannot
+        return f"deterministic cannot be switched on: {e}"
+    if not on:
+        return "deterministic off: outputs may again depend on what runs beside them"
+    return ("deterministic on: a greedy or seeded answer now depends only on its prompt and settings "
+            "(prompts already running keep what they computed before)")
 
 
 @command("/system", "[TEXT | off]", "show or set the system message of new conversations")

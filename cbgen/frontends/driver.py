@@ -65,6 +65,11 @@ class Driver:
             self.engine.abort(rid)
         self._kick()
 
+    def set_deterministic(self, on: bool) -> None:
+        """Engine.set_deterministic, run on the compute thread between two steps (so no step
+        sees half the switch). Raises what it raises (UnsupportedModelError)."""
+        self._compute.call(self.engine.set_deterministic, on)
+
     @property
     def busy(self) -> bool:
         return self.engine.has_unfinished

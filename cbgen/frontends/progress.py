@@ -103,5 +103,7 @@ class ProgressView:
     def summary(self) -> str:
         wall = time.monotonic() - self.start
         gen = self.engine.num_generated_tokens
+        preempted = self.engine.stats().num_preemptions
         return (f"cbgen: {self.done} requests, {gen} tokens generated in {wall:.1f}s "
-                f"({gen / wall if wall > 0 else 0:.1f} tok/s), {self.errors} errors")
+                f"({gen / wall if wall > 0 else 0:.1f} tok/s), {self.errors} errors"
+                + (f", {preempted} preemptions (KV cache full; --kv-cache-gb)" if preempted else ""))

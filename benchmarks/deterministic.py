@@ -1,0 +1,211 @@
+"""Issue #16's must-show: with ``--deterministic`` the same tokens whatever else runs, through `cbgen run`.
+
+    python benchmarks/deterministic.py [--dtype bfloat16] [--num-prompts 64] [--max-new-tokens 128]
+                                       [--scenarios ...] [--speed]
+
+The first ``--num-prompts`` dev prompts (chat messages) as JSONL lines, each twice: greedy
+(``g-N``) and ``temperature 0.8, seed 7`` (``s-N``), with ``logprobs: 0`` so every record
+carries each generated token's bytes (one byte string per token id) and its logprob. Each
+scenario is one `cbgen run --deterministic` process (the embedded model, ``--dtype``):
+
+- ``seqs1``: ``--max-num-seqs 1``, the greedy and the seeded file in two processes side by
+  side, each ``--threads 1`` (so this also checks the thread count: the others use 2);
+- ``seqs64``: ``--max-num-seqs 64``;
+- ``stream``: stdin fed over time: the lines interleaved with 64 other requests (one of
+  them a 1,500-token prompt, chunked over several steps), a line every ``--gap`` s;
+- ``preempt``: ``--kv-cache-gb`` small enough that the run reports preemptions;
+- ``warm``: every line twice in one process (``--max-num-seqs 64``), the second copy
+  after the first finished, so it starts from the prefix cache (``usage.cached_tokens``).
+
+Every scenario's tokens and logprobs are compared with ``seqs1``; the figure is identical
+requests / total. ``--speed`` then measures the cost: the greedy file at 1, 16 and 64
+sequences (``--speed-prompts`` prompts), flag on vs off, alternating, whole-process tok/s.
+Writes benchmarks/out/deterministic.json. Waits for /tmp/bench/LOCK to go away first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ROOT / ".." / "shared" / "bench" / "prompts-dev.jsonl"
+CBGEN = [sys.executable, "-m", "cbgen"]
+OUT = ROOT / "benchmarks" / "out"
+
+
+def lines(prompts: list[dict], n: int, max_new: int) -> tuple[list[dict], list[dict]]:
+    chats = [p for p in prompts if "messages" in p][:n]
+    greedy = [{"id": f"g-{i}", "messages": p["messages"], "max_tokens": max_new, "temperature": 0.0,
+               "logprobs": 0} for i, p in enumerate(chats)]
+    seeded = [{"id": f"s-{i}", "messages": p["messages"], "max_tokens": max_new, "temperature": 0.8,
+               "top_p": 1.0, "seed": 7, "logprobs": 0} for i, p in enumerate(chats)]
+    return greedy, seeded
+
+
+def others(prompts: list[dict], n: int, max_new: int) -> list[dict]:
+    """``n`` other requests: later dev prompts, and one ~1,500-token prompt."""
+    rest = [p for p in prompts if "messages" in p][64:64 + n - 1]
+    out = [{"id": f"other-{i}", "messages": p["messages"], "max_tokens": max_new, "temperature": 0.0}
+           for i, p in enumerate(rest)]
+    long_text = " ".join(p["messages"][-1]["content"] for p in rest)
+    words = long_text.split()
+    while len(words) < 1300:
+        words = words + words
+    out.insert(len(out) // 3, {"id": "other-long", "prompt": " ".join(words[:1300]), "max_tokens": 16,
+                               "temperature": 0.0})
+    return out
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def cbgen_run(args: list[str], stdin_rows: list[dict] | None = None, gap: float = 0.0,
+              env: dict | None = None) -> tuple[list[dict], str, float]:
+    """One `cbgen run` process; (records, stderr, wall s)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(CBGEN + ["run", *args], stdin=subprocess.PIPE if stdin_rows is not None else None,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, **(env or {})})
+    if stdin_rows is not None:
+        def feed():
+            for r in stdin_rows:
+                p.stdin.write(json.dumps(r) + "\n")
+                p.stdin.flush()
+                time.sleep(gap)
+            p.stdin.close()
+        threading.Thread(target=feed, daemon=True).start()
+    out, err = p.communicate()
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"cbgen run {' '.join(args)} failed ({p.returncode}):\n{err[-2000:]}")
+    return [json.loads(x) for x in out.splitlines() if x.strip()], err, wall
+
+
+def tokens(rec: dict) -> tuple:
+    """(token byte strings, logprobs) of a record, from its logprobs entries."""
+    lp = rec.get("logprobs") or []
+    return tuple(tuple(e["bytes"]) for e in lp), tuple(e["logprob"] for e in lp)
+
+
+def by_id(records: list[dict]) -> dict[str, tuple]:
+    return {r["id"]: tokens(r) for r in records if not r["id"].startswith("other")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--gap", type=float, default=0.5, help="seconds between stdin lines in 'stream'")
+    ap.add_argument("--kv-cache-gb", type=float, default=0.08, help="the 'preempt' pool")
+    ap.add_argument("--scenarios", default="seqs64,stream,preempt,warm", help="besides seqs1, the reference")
+    ap.add_argument("--speed", action="store_true")
+    ap.add_argument("--speed-prompts", type=int, default=64)
+    ap.add_argument("--speed-tokens", type=int, default=64)
+    a = ap.parse_args()
+    while os.path.exists("/tmp/bench/LOCK"):
+        time.sleep(10)
+    OUT.mkdir(parents=True, exist_ok=True)
+    work = OUT / "deterministic"
+    work.mkdir(exist_ok=True)
+    prompts = [json.loads(x) for x in PROMPTS.read_text().splitlines() if x.strip()]
+    greedy, seeded = lines(prompts, a.num_prompts, a.max_new_tokens)
+    g_file, s_file = write(work / "greedy.jsonl", greedy), write(work / "seeded.jsonl", seeded)
+    both = write(work / "both.jsonl", greedy + seeded)
+    common = ["--deterministic", "--dtype", a.dtype]   # no -q: the summary line counts preemptions
+    results: dict[str, dict] = {}
+    report: dict = {"dtype": a.dtype, "num_prompts": len(greedy), "max_new_tokens": a.max_new_tokens,
+                    "scenarios": {}}
+    todo = a.scenarios.split(",")
+    if True:   # the reference, always run
+        # Two processes of one thread each, side by side (the others run on 2 threads).
+        t0 = time.perf_counter()
+        runs = {}
+
+        def one(name, path):
+            runs[name] = cbgen_run([str(path), *common, "--max-num-seqs", "1", "--threads", "1"])
+        ts = [threading.Thread(target=one, args=(n, p)) for n, p in (("g", g_file), ("s", s_file))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        results["seqs1"] = {**by_id(runs["g"][0]), **by_id(runs["s"][0])}
+        report["scenarios"]["seqs1"] = {"wall_s": round(time.perf_counter() - t0, 1), "reference": True}
+        print(f"seqs1: {len(results['seqs1'])} records in {time.perf_counter() - t0:.0f} s", flush=True)
+    ref = results["seqs1"]
+    stderr_of = {}
+    if "seqs64" in todo:
+        recs, stderr_of["seqs64"], wall = cbgen_run([str(both), *common, "--max-num-seqs", "64"])
+        results["seqs64"] = by_id(recs)
+    if "stream" in todo:
+        mixed = [x for pair in zip(others(prompts, 64, 64), greedy + seeded) for x in pair]
+        mixed += (greedy + seeded)[64:]
+        recs, stderr_of["stream"], wall = cbgen_run(["-", *common, "--max-num-seqs", "64"], mixed, a.gap)
+        results["stream"] = by_id(recs)
+        long_rec = [r for r in recs if r["id"] == "other-long"][0]
+        report["long_prompt_tokens"] = long_rec["usage"]["prompt_tokens"]
+    if "preempt" in todo:
+        recs, stderr_of["preempt"], wall = cbgen_run([str(both), *common, "--max-num-seqs", "64",
+                                                      "--kv-cache-gb", str(a.kv_cache_gb)])
+        results["preempt"] = by_id(recs)
+    if "warm" in todo:
+        twice = greedy + seeded + [{**r, "id": "w" + r["id"]} for r in greedy + seeded]
+        recs, stderr_of["warm"], wall = cbgen_run([str(write(work / "twice.jsonl", twice)), *common,
+                                                   "--max-num-seqs", "64"])
+        second = {r["id"][1:]: r for r in recs if r["id"].startswith("w")}
+        results["warm"] = {k: tokens(r) for k, r in second.items()}
+        report["warm_cached_tokens"] = sum(r["usage"]["cached_tokens"] for r in second.values())
+    for name, got in results.items():
+        if name == "seqs1":
+            continue
+        same = sum(got.get(k) == v for k, v in ref.items())
+        same_tokens = sum(got.get(k, ((), ()))[0] == v[0] for k, v in ref.items())
+        summary = [x for x in stderr_of.get(name, "").splitlines() if x.startswith("cbgen:")]
+        report["scenarios"][name] = {"identical": same, "identical_tokens": same_tokens, "total": len(ref),
+                                     "summary": summary[-1] if summary else ""}
+        print(f"{name}: {same_tokens}/{len(ref)} token-identical, {same}/{len(ref)} with logprob bits; "
+              f"{summary[-1] if summary else ''}", flush=True)
+    if a.speed:
+        report["speed"] = speed(prompts, a)
+    (OUT / "deterministic.json").write_text(json.dumps(report, indent=1))
+    bad = [n for n, s in report["scenarios"].items() if not s.get("reference") and s["identical_tokens"] != s["total"]]
+    return 1 if bad else 0
+
+
+def speed(prompts: list[dict], a) -> dict:
+    """Whole-process tok/s of the greedy file at 1, 16, 64 sequences, flag on vs off (alternating)."""
+    out = {}
+    work = OUT / "deterministic"
+    for seqs in (1, 16, 64):
+        n = min(a.speed_prompts, seqs * 4) if seqs < 64 else a.speed_prompts
+        rows = [{"id": f"g-{i}", "messages": p["messages"], "max_tokens": a.speed_tokens, "temperature": 0.0,
+                 "ignore_eos": True} for i, p in enumerate([p for p in prompts if "messages" in p][:n])]
+        path = write(work / f"speed-{seqs}.jsonl", rows)
+        rates = {"off": [], "on": []}
+        for _ in range(2):
+            for mode in ("off", "on"):
+                flag = ["--deterministic"] if mode == "on" else []
+                _, err, wall = cbgen_run([str(path), *flag, "--dtype", a.dtype, "--max-num-seqs", str(seqs),
+                                          "-o", str(work / f"speed-{seqs}-{mode}.jsonl")])
+                line = [x for x in err.splitlines() if x.startswith("cbgen:")]
+                rate = float(line[-1].split("(")[1].split(" tok/s")[0]) if line else n * a.speed_tokens / wall
+                rates[mode].append(rate)
+        on, off = max(rates["on"]), max(rates["off"])
+        out[str(seqs)] = {"prompts": n, "tok_s_off": rates["off"], "tok_s_on": rates["on"],
+                          "cost": round(1 - on / off, 3)}
+        print(f"speed {seqs} seqs ({n} prompts x {a.speed_tokens}): off {rates['off']} on {rates['on']} "
+              f"tok/s -> cost {1 - on / off:.1%}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
