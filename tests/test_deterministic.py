@@ -39,24 +39,28 @@ def kernel():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("K,N", [(256, 768), (576, 1536), (1536, 576)])
-def test_tiled_linear_rows_do_not_depend_on_the_batch_or_threads(dtype, K, N):
+@pytest.mark.parametrize("how", ["per tile", "weight given (bmm in float32)"])
+def test_tiled_linear_rows_do_not_depend_on_the_batch_or_threads(dtype, K, N, how):
     """Row r of ``tiled`` is the same bits whatever T, its position and the thread count."""
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(N, K, generator=g) * 0.05).to(dtype)
     x = torch.randn(300, K, generator=g).to(dtype)
     tile = row_tile_for(dtype)
-    lin = lambda t: F.linear(t, w)   # noqa: E731
-    ref = tiled(lin, x[:1], tile)[0]
+
+    def lin(t, tile):
+        return tiled(lambda u: F.linear(u, w), t, tile, w if how != "per tile" else None)
+
+    ref = lin(x[:1], tile)[0]
     threads = torch.get_num_threads()
     try:
         for n in sorted({1, 2, 3, threads}):
             torch.set_num_threads(n)
             for T in (1, 2, 3, 5, 16, 17, 64, 65, 300):
                 rows = torch.cat([x[1:T], x[:1]]) if T > 1 else x[:1]   # row 0 last
-                assert torch.equal(tiled(lin, rows, tile)[T - 1], ref), (n, T)
+                assert torch.equal(lin(rows, tile)[T - 1], ref), (n, T)
                 if T > 2:   # and in the middle
                     mid = torch.cat([x[1:T // 2 + 1], x[:1], x[T // 2 + 1:T]])
-                    assert torch.equal(tiled(lin, mid, tile)[T // 2], ref), (n, T)
+                    assert torch.equal(lin(mid, tile)[T // 2], ref), (n, T)
     finally:
         torch.set_num_threads(threads)
 
@@ -68,6 +72,7 @@ def test_tiled_linear_equals_the_plain_one_up_to_rounding():
     got = tiled(lambda t: F.linear(t, w, b), x, 16)
     assert got.shape == (37, 40)
     torch.testing.assert_close(got, F.linear(x, w, b))
+    torch.testing.assert_close(tiled(None, x, 16, w, b), F.linear(x, w, b))   # float32: one bmm
 
 
 # ---- the engine --------------------------------------------------------------

@@ -45,13 +45,17 @@ from typing import Callable
 
 import torch
 
-# Rows per GEMM tile, by dtype. Chosen where a tile costs about what its share of
-# a 64-row GEMM costs (so 64 sequences pay ~nothing; 1 sequence pays a tile's
-# worth): AMD EPYC, 2 threads, F.linear [M, 576] x [576, 1536]:
-#   float32:  M=1 0.14 ms, M=4 0.35, M=16 0.49, M=64 2.07 (= 4 x 0.52): tile 16;
-#   bfloat16: M=1 0.14 ms, M=4 0.49, M=16 1.98, M=64 7.49 (= 16 x 0.47): tile 4
-#   (no native bf16 on that CPU: oneDNN's bf16 GEMM is compute-bound from M = 4).
+# Rows per GEMM tile, by dtype, and how the tiles run. Measured on an AMD EPYC (AVX2, no
+# native bf16), 2 threads, the embedded 135M model, a decode step with the flag off vs on
+# (benchmarks/deterministic.py has the whole-process figures):
+#   float32, tiles of 16 in one bmm: 1 seq 111 -> 222 ms, 16 seqs 223 -> 234, 64 seqs 461 -> 479
+#     (tiles of 8: 64 seqs 602 ms; of 32: 1 seq 236, 16 seqs 334; 4 separate calls of 16
+#     rows instead of one bmm: 64 seqs 781 ms, since each call streams the weights again);
+#   bfloat16, tiles of 4, one call each: 1 seq 36 -> 98 ms, 16 seqs 359 -> 415, 64 seqs
+#     1026 -> 1076 (oneDNN's bf16 GEMM is compute-bound from 4 rows on this CPU, so 16
+#     calls of 4 rows cost what one call of 64 does; as one bmm: 1181 ms; tiles of 1: 1242).
 ROW_TILES = {torch.float32: 16, torch.bfloat16: 4, torch.float16: 4}
+BMM_DTYPES = (torch.float32,)
 
 
 def row_tile_for(dtype: torch.dtype) -> int:
@@ -59,19 +63,29 @@ def row_tile_for(dtype: torch.dtype) -> int:
     return ROW_TILES.get(dtype, 16)
 
 
-def tiled(linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, row_tile: int) -> torch.Tensor:
+def tiled(linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, row_tile: int,
+          weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``linear(x)`` computed on tiles of exactly ``row_tile`` rows.
 
-    x: [T, K] (any float dtype); ``linear`` maps [row_tile, K] -> [row_tile, N].
-    Returns [T, N]. Rows past T in the last tile are zeros and are dropped. Each
-    tile is its own call, so the GEMM library sees the shape [row_tile, K] for
-    every row of every step (see source 1 above).
+    x: [T, K] (any float dtype); ``linear`` maps [row_tile, K] -> [row_tile, N]. Returns
+    [T, N]. Rows past T in the last tile are zeros and are dropped. Every tile is one GEMM
+    of shape [row_tile, K] x [K, N] (see source 1 above): with ``weight`` ([N, K], the
+    plain ``F.linear(x, weight, bias)``) in a ``BMM_DTYPES`` dtype, all tiles go in one
+    ``torch.bmm`` over the weight broadcast to each tile (stride 0, no copy), which streams
+    the weights once per step (float32, 64 rows: the LM head took 123 ms as one bmm of 4
+    tiles, 185 ms as 4 calls, 86 ms as one plain GEMM); otherwise (bf16, or a pre-packed
+    oneDNN weight) one call per tile.
     """
     T = x.shape[0]
     pad = -T % row_tile
     x = x.contiguous()
     if pad:
         x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-    if T + pad == row_tile:
+    nt = (T + pad) // row_tile
+    if weight is not None and weight.dtype in BMM_DTYPES:
+        y = torch.bmm(x.view(nt, row_tile, -1), weight.t().unsqueeze(0).expand(nt, -1, -1)).view(T + pad, -1)
+        y = y[:T]
+        return y if bias is None else y + bias
+    if nt == 1:
         return linear(x)[:T]
     return torch.cat([linear(x[i:i + row_tile]) for i in range(0, T + pad, row_tile)])[:T]

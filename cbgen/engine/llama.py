@@ -68,7 +68,9 @@ class _Proj:
 
     def __call__(self, x: torch.Tensor, row_tile: int | None = None) -> torch.Tensor:
         """x [T, in] -> [T, out]; with ``row_tile``, on fixed row tiles (batch_invariant.py)."""
-        return self._linear(x) if row_tile is None else tiled(self._linear, x, row_tile)
+        if row_tile is None:
+            return self._linear(x)
+        return tiled(self._linear, x, row_tile, self.w if self.packed is None else None, self.b)
 
 
 def _can_pack(dtype: torch.dtype, device: torch.device) -> bool:
