@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / ".." / "shared" / "bench" / "prompts-dev.jsonl"
-CBGEN = [sys.executable, "-m", "cbgen"]
+CBGEN = [sys.executable, "-m", "cbgen.cli"]
 OUT = ROOT / "benchmarks" / "out"
 
 
@@ -132,12 +132,18 @@ def main() -> int:
         runs = {}
 
         def one(name, path):
-            runs[name] = cbgen_run([str(path), *common, "--max-num-seqs", "1", "--threads", "1"])
+            try:
+                runs[name] = cbgen_run([str(path), *common, "--max-num-seqs", "1", "--threads", "1"])
+            except SystemExit as e:   # a failed run: report it from the main thread
+                runs[name] = e
         ts = [threading.Thread(target=one, args=(n, p)) for n, p in (("g", g_file), ("s", s_file))]
         for t in ts:
             t.start()
         for t in ts:
             t.join()
+        for r in runs.values():
+            if isinstance(r, SystemExit):
+                raise r
         results["seqs1"] = {**by_id(runs["g"][0]), **by_id(runs["s"][0])}
         report["scenarios"]["seqs1"] = {"wall_s": round(time.perf_counter() - t0, 1), "reference": True}
         print(f"seqs1: {len(results['seqs1'])} records in {time.perf_counter() - t0:.0f} s", flush=True)
