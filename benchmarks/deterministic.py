@@ -6,11 +6,11 @@
 The first ``--num-prompts`` dev prompts (chat messages) as JSONL lines, each twice: greedy
 (``g-N``) and ``temperature 0.8, seed 7`` (``s-N``), with ``logprobs: 0`` so every record
 carries each generated token's bytes (one byte string per token id) and its logprob. Each
-scenario is one `cbgen run --deterministic` process (the embedded model, ``--dtype``):
+scenario is one `cbgen run --deterministic` process (the embedded model, ``--dtype``), all
+side by side (this part checks bits, not speed), one thread each except ``seqs64``:
 
-- ``seqs1``: ``--max-num-seqs 1``, the greedy and the seeded file in two processes side by
-  side, each ``--threads 1`` (so this also checks the thread count: the others use 2);
-- ``seqs64``: ``--max-num-seqs 64``;
+- ``seqs1``: ``--max-num-seqs 1``, the greedy and the seeded file in two processes;
+- ``seqs64``: ``--max-num-seqs 64``, on 2 threads (so the thread count differs too);
 - ``stream``: stdin fed over time: the lines interleaved with 64 other requests (one of
   them a 1,500-token prompt, chunked over several steps), a line every ``--gap`` s;
 - ``preempt``: ``--kv-cache-gb`` small enough that the run reports preemptions;
@@ -122,54 +122,56 @@ def main() -> int:
     g_file, s_file = write(work / "greedy.jsonl", greedy), write(work / "seeded.jsonl", seeded)
     both = write(work / "both.jsonl", greedy + seeded)
     common = ["--deterministic", "--dtype", a.dtype]   # no -q: the summary line counts preemptions
-    results: dict[str, dict] = {}
     report: dict = {"dtype": a.dtype, "num_prompts": len(greedy), "max_new_tokens": a.max_new_tokens,
                     "scenarios": {}}
-    todo = a.scenarios.split(",")
-    if True:   # the reference, always run
-        # Two processes of one thread each, side by side (the others run on 2 threads).
-        t0 = time.perf_counter()
-        runs = {}
+    mixed = [x for pair in zip(others(prompts, 64, 64), greedy + seeded) for x in pair] + (greedy + seeded)[64:]
+    twice = greedy + seeded + [{**r, "id": "w" + r["id"]} for r in greedy + seeded]
+    # name -> (cbgen run args, stdin rows or None). Correctness, not speed: the scenarios run side
+    # by side, one thread each (OMP_WAIT_POLICY=PASSIVE: no spinning on a shared CPU), except
+    # seqs64 on 2 threads, so the thread count differs from the reference too.
+    plan = {
+        "seqs1-greedy": ([str(g_file), "--max-num-seqs", "1", "--threads", "1"], None),
+        "seqs1-seeded": ([str(s_file), "--max-num-seqs", "1", "--threads", "1"], None),
+        "seqs64": ([str(both), "--max-num-seqs", "64", "--threads", "2"], None),
+        "stream": (["-", "--max-num-seqs", "64", "--threads", "1"], mixed),
+        "preempt": ([str(both), "--max-num-seqs", "64", "--kv-cache-gb", str(a.kv_cache_gb), "--threads", "1"], None),
+        "warm": ([str(write(work / "twice.jsonl", twice)), "--max-num-seqs", "64", "--threads", "1"], None),
+    }
+    todo = {"seqs1-greedy", "seqs1-seeded", *a.scenarios.split(",")}
+    runs: dict[str, object] = {}
 
-        def one(name, path):
-            try:
-                runs[name] = cbgen_run([str(path), *common, "--max-num-seqs", "1", "--threads", "1"])
-            except SystemExit as e:   # a failed run: report it from the main thread
-                runs[name] = e
-        ts = [threading.Thread(target=one, args=(n, p)) for n, p in (("g", g_file), ("s", s_file))]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        for r in runs.values():
-            if isinstance(r, SystemExit):
-                raise r
-        results["seqs1"] = {**by_id(runs["g"][0]), **by_id(runs["s"][0])}
-        report["scenarios"]["seqs1"] = {"wall_s": round(time.perf_counter() - t0, 1), "reference": True}
-        print(f"seqs1: {len(results['seqs1'])} records in {time.perf_counter() - t0:.0f} s", flush=True)
-    ref = results["seqs1"]
-    stderr_of = {}
-    if "seqs64" in todo:
-        recs, stderr_of["seqs64"], wall = cbgen_run([str(both), *common, "--max-num-seqs", "64"])
-        results["seqs64"] = by_id(recs)
-    if "stream" in todo:
-        mixed = [x for pair in zip(others(prompts, 64, 64), greedy + seeded) for x in pair]
-        mixed += (greedy + seeded)[64:]
-        recs, stderr_of["stream"], wall = cbgen_run(["-", *common, "--max-num-seqs", "64"], mixed, a.gap)
-        results["stream"] = by_id(recs)
-        long_rec = [r for r in recs if r["id"] == "other-long"][0]
+    def one(name):
+        args, rows = plan[name]
+        try:
+            runs[name] = cbgen_run([*args, *common], rows, a.gap, env={"OMP_WAIT_POLICY": "PASSIVE"})
+        except SystemExit as e:   # a failed run: reported from the main thread
+            runs[name] = e
+        else:
+            recs, err, wall = runs[name]
+            write(work / f"records-{name}.jsonl", recs)
+            print(f"{name}: done in {wall:.0f} s", flush=True)
+    threads = [threading.Thread(target=one, args=(n,)) for n in plan if n in todo]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in runs.values():
+        if isinstance(r, SystemExit):
+            raise r
+    results = {"seqs1": {**by_id(runs["seqs1-greedy"][0]), **by_id(runs["seqs1-seeded"][0])}}
+    stderr_of = {n: r[1] for n, r in runs.items()}
+    for name in ("seqs64", "stream", "preempt"):
+        if name in runs:
+            results[name] = by_id(runs[name][0])
+    if "stream" in runs:
+        long_rec = [r for r in runs["stream"][0] if r["id"] == "other-long"][0]
         report["long_prompt_tokens"] = long_rec["usage"]["prompt_tokens"]
-    if "preempt" in todo:
-        recs, stderr_of["preempt"], wall = cbgen_run([str(both), *common, "--max-num-seqs", "64",
-                                                      "--kv-cache-gb", str(a.kv_cache_gb)])
-        results["preempt"] = by_id(recs)
-    if "warm" in todo:
-        twice = greedy + seeded + [{**r, "id": "w" + r["id"]} for r in greedy + seeded]
-        recs, stderr_of["warm"], wall = cbgen_run([str(write(work / "twice.jsonl", twice)), *common,
-                                                   "--max-num-seqs", "64"])
-        second = {r["id"][1:]: r for r in recs if r["id"].startswith("w")}
+    if "warm" in runs:
+        second = {r["id"][1:]: r for r in runs["warm"][0] if r["id"].startswith("w")}
         results["warm"] = {k: tokens(r) for k, r in second.items()}
         report["warm_cached_tokens"] = sum(r["usage"]["cached_tokens"] for r in second.values())
+    report["scenarios"]["seqs1"] = {"reference": True, "wall_s": [round(runs[n][2]) for n in ("seqs1-greedy", "seqs1-seeded")]}
+    ref = results["seqs1"]
     for name, got in results.items():
         if name == "seqs1":
             continue
