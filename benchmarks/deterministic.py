@@ -75,15 +75,24 @@ def cbgen_run(args: list[str], stdin_rows: list[dict] | None = None, gap: float 
     p = subprocess.Popen(CBGEN + ["run", *args], stdin=subprocess.PIPE if stdin_rows is not None else None,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                          env={**os.environ, **(env or {})})
-    if stdin_rows is not None:
-        def feed():
-            for r in stdin_rows:
-                p.stdin.write(json.dumps(r) + "\n")
-                p.stdin.flush()
-                time.sleep(gap)
-            p.stdin.close()
-        threading.Thread(target=feed, daemon=True).start()
-    out, err = p.communicate()
+    if stdin_rows is None:
+        out, err = p.communicate()
+    else:
+        # Not communicate(): it would close stdin at once. Feed over time, drain both pipes.
+        got = {}
+        readers = [threading.Thread(target=lambda k, f: got.__setitem__(k, f.read()), args=(k, f), daemon=True)
+                   for k, f in (("out", p.stdout), ("err", p.stderr))]
+        for t in readers:
+            t.start()
+        for r in stdin_rows:
+            p.stdin.write(json.dumps(r) + "\n")
+            p.stdin.flush()
+            time.sleep(gap)
+        p.stdin.close()
+        p.wait()
+        for t in readers:
+            t.join()
+        out, err = got["out"], got["err"]
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"cbgen run {' '.join(args)} failed ({p.returncode}):\n{err[-2000:]}")
@@ -108,6 +117,7 @@ def main() -> int:
     ap.add_argument("--gap", type=float, default=0.5, help="seconds between stdin lines in 'stream'")
     ap.add_argument("--kv-cache-gb", type=float, default=0.08, help="the 'preempt' pool")
     ap.add_argument("--scenarios", default="seqs64,stream,preempt,warm", help="besides seqs1, the reference")
+    ap.add_argument("--reuse", default="", help="scenarios to read from an earlier run's records-NAME.jsonl")
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--speed-prompts", type=int, default=64)
     ap.add_argument("--speed-tokens", type=int, default=64)
@@ -139,6 +149,10 @@ def main() -> int:
     }
     todo = {"seqs1-greedy", "seqs1-seeded", *a.scenarios.split(",")}
     runs: dict[str, object] = {}
+    for name in a.reuse.split(",") if a.reuse else []:   # records of an earlier run of this script
+        recs = [json.loads(x) for x in (work / f"records-{name}.jsonl").read_text().splitlines()]
+        runs[name] = (recs, (work / f"stderr-{name}.txt").read_text(), 0.0)
+        todo.discard(name)
 
     def one(name):
         args, rows = plan[name]
@@ -149,6 +163,7 @@ def main() -> int:
         else:
             recs, err, wall = runs[name]
             write(work / f"records-{name}.jsonl", recs)
+            (work / f"stderr-{name}.txt").write_text(err)
             print(f"{name}: done in {wall:.0f} s", flush=True)
     threads = [threading.Thread(target=one, args=(n,)) for n in plan if n in todo]
     for t in threads:
