@@ -151,7 +151,8 @@ def main() -> int:
     runs: dict[str, object] = {}
     for name in a.reuse.split(",") if a.reuse else []:   # records of an earlier run of this script
         recs = [json.loads(x) for x in (work / f"records-{name}.jsonl").read_text().splitlines()]
-        runs[name] = (recs, (work / f"stderr-{name}.txt").read_text(), 0.0)
+        err_file = work / f"stderr-{name}.txt"
+        runs[name] = (recs, err_file.read_text() if err_file.exists() else "", 0.0)
         todo.discard(name)
 
     def one(name):
