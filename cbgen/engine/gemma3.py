@@ -27,6 +27,7 @@ attention, and RoPE types whose frequencies change with the sequence length
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import PagedBatch, attend
-from .llama import _can_pack, _fuse, _Proj, _rope
+from .llama import _can_pack, _fuse, _Proj, _proj_from, _rope
 from .model_spec import FULL, SLIDING, ModelSpec
 
 MODEL_TYPES = {"gemma3_text"}
@@ -159,12 +160,7 @@ class Gemma3Forward:
 
     @classmethod
     def _from_tensors(cls, config: Any, get: Callable[[str], torch.Tensor | None]) -> "Gemma3Forward":
-        def proj(*names: str) -> _Proj:
-            ws = [get(f"{n}.weight") for n in names]
-            bs = [get(f"{n}.bias") for n in names]
-            w = ws[0] if len(ws) == 1 else torch.cat(ws)
-            b = None if bs[0] is None else bs[0] if len(bs) == 1 else torch.cat(bs)
-            return _Proj(w, b)
+        proj = functools.partial(_proj_from, get)
         layers = []
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}."

@@ -110,6 +110,20 @@ def _fuse(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w, b
 
 
+def _proj_from(get: Callable[[str], torch.Tensor | None], *names: str) -> _Proj:
+    """The projection of the checkpoint modules ``names`` (e.g. a layer's q, k and v), one GEMM:
+    their ``.weight`` tensors concatenated along the output dim, and their ``.bias`` tensors
+    likewise, or None when none has a bias. ``get`` returns a tensor by name, None for an absent
+    bias. Raises ValueError when some of them have a bias and others do not."""
+    ws = [get(f"{n}.weight") for n in names]
+    bs = [get(f"{n}.bias") for n in names]
+    if any(b is None for b in bs) and not all(b is None for b in bs):
+        raise ValueError(f"mixed biases in {', '.join(names)}")
+    w = ws[0] if len(ws) == 1 else torch.cat(ws)
+    b = None if bs[0] is None else bs[0] if len(bs) == 1 else torch.cat(bs)
+    return _Proj(w, b)
+
+
 def head_dim_of(c) -> int:
     """A config's head_dim, or hidden_size / heads where it does not say."""
     return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -223,12 +237,7 @@ class LlamaForward:
         bias), already in the target dtype and device; ``c``: config.json's fields as attributes
         (``intermediate_size``, ``rms_norm_eps``, ``tie_word_embeddings``); a transformers config
         object when the rope type is not "default" (its frequencies come from transformers)."""
-        def proj(*names: str) -> _Proj:
-            ws = [get(f"{n}.weight") for n in names]
-            bs = [get(f"{n}.bias") for n in names]
-            w = ws[0] if len(ws) == 1 else torch.cat(ws)
-            b = None if bs[0] is None else bs[0] if len(bs) == 1 else torch.cat(bs)
-            return _Proj(w, b)
+        proj = functools.partial(_proj_from, get)
         layers = []
         for i in range(spec.num_layers):
             p = f"model.layers.{i}."
