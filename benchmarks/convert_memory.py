@@ -72,13 +72,15 @@ def _hwm(pid: int) -> int:
 
 
 def _env(cache: Path) -> dict:
+    """The subprocesses' environment; they also run in REPO, because ``python -c`` puts the
+    working directory first on sys.path (run from another checkout, it would measure that one)."""
     return {**os.environ, "CBGEN_CACHE": str(cache), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
 
 
 def convert(gguf: Path, dtype: str, cache: Path) -> tuple[Path, int, float]:
     """(converted dir, peak RSS bytes, seconds) of a conversion in a fresh process."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _CONVERT, str(gguf), dtype], env=_env(cache),
+    proc = subprocess.Popen([sys.executable, "-c", _CONVERT, str(gguf), dtype], env=_env(cache), cwd=REPO,
                             stdout=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
@@ -93,7 +95,7 @@ def convert(gguf: Path, dtype: str, cache: Path) -> tuple[Path, int, float]:
 
 def load_seconds(gguf: Path, dtype: str, cache: Path) -> tuple[float, float, str]:
     """(seconds importing torch + transformers' tokenizer, seconds in load_model after them, impl)."""
-    out = subprocess.run([sys.executable, "-c", _LOAD, str(gguf), dtype], env=_env(cache), check=True,
+    out = subprocess.run([sys.executable, "-c", _LOAD, str(gguf), dtype], env=_env(cache), cwd=REPO, check=True,
                          stdout=subprocess.PIPE, text=True).stdout.split()
     return float(out[0]), float(out[1]), "native" if out[2] == "True" else "transformers"
 
