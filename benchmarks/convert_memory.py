@@ -125,7 +125,8 @@ def main() -> None:
     result = {"gguf": str(args.gguf), "gguf_bytes": args.gguf.stat().st_size, "dtype": dest.name.split("-")[-2],
               "convert_seconds": round(seconds, 1), "final_weights_bytes": final, "peak_rss_bytes": peak,
               "bound_bytes": bound, "memory_ok": peak <= bound, "second_load_seconds": round(load_s, 2),
-              "second_load_imports_seconds": round(imports_s, 2), "second_load_after_imports_seconds": round(after_s, 2),
+              "second_load_imports_seconds": round(imports_s, 2),
+              "second_load_after_imports_seconds": round(after_s, 2),
               "load_impl": impl, "load_target_seconds": LOAD_TARGET_S, "load_ok": load_s <= LOAD_TARGET_S}
     if args.json:
         print(json.dumps(result))

@@ -143,7 +143,8 @@ def fused_weights(fwd, path: Path):
     where = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
     for i, L in enumerate(fwd.layers):
         p = f"model.layers.{i}."
-        for proj, mods in ((L.qkv, [f"self_attn.{x}_proj" for x in "qkv"]), (L.gate_up, ["mlp.gate_proj", "mlp.up_proj"])):
+        for proj, mods in ((L.qkv, [f"self_attn.{x}_proj" for x in "qkv"]),
+                           (L.gate_up, ["mlp.gate_proj", "mlp.up_proj"])):
             yield proj.w, len({where.get(p + m + ".weight") for m in mods}) == 1
 
 
