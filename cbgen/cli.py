@@ -333,18 +333,13 @@ def cache_rm(names: Optional[list[str]] = typer.Argument(None, help="A model nam
     from .models import cache
     if bool(names) == all_:
         fail("give NAME... or --all", code=1)
-    found = cache.list_conversions()
-    chosen, unknown = (found, []) if all_ else cache.select(found, names)
-    if unknown:
-        fail(f"no conversion named {', '.join(unknown)} in {cache.gguf_dir()} (see `cbgen cache ls`)", code=1)
-    doomed = [(c.path, f"{c.name} {c.dtype} {cache.human_size(c.size_bytes)}") for c in chosen]
-    doomed += [(p, "stale temp dir") for p, stale in cache.temp_dirs() if stale and all_]
-    for path, what in doomed:
-        try:
-            cache.remove(path)
-        except OSError as e:
-            fail(f"cannot remove {path}: {e}", code=1)
-        typer.echo(f"removed {what} ({path.name})")
+    try:
+        for line in cache.rm(names or [], everything=all_):
+            typer.echo(line)
+    except LookupError as e:
+        fail(str(e.args[0]), code=1)
+    except OSError as e:
+        fail(f"cannot remove {getattr(e, 'filename', '') or 'a conversion'}: {e.strerror or e}", code=1)
 
 
 @cache_app.command("prune")

@@ -27,14 +27,15 @@ attention, and RoPE types whose frequencies change with the sequence length
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from .attention import PagedBatch, attend
-from .llama import _can_pack, _fuse, _Proj, _rope
+from .llama import Cat, Get, _can_pack, _fuse, _Proj, _proj_from, _rope
 from .model_spec import FULL, SLIDING, ModelSpec
 
 MODEL_TYPES = {"gemma3_text"}
@@ -146,26 +147,21 @@ class Gemma3Forward:
         return cls(c, embed, embed_scale, ropes, layers, base.norm.weight.detach(), head)
 
     @classmethod
-    def from_tensors(cls, spec: ModelSpec | None, config: Any,
-                     get: Callable[[str], torch.Tensor | None]) -> "Gemma3Forward":
+    def from_tensors(cls, spec: ModelSpec | None, config: Any, get: Get, cat: Cat | None = None) -> "Gemma3Forward":
         """From checkpoint tensors by their transformers names (``get`` returns None for an
-        absent bias), already in the target dtype and device. ``config``: a transformers
-        ``Gemma3TextConfig`` (its defaults fill layer_types and rope_parameters); ``spec``
-        (eos ids, context length) replaces the one derived from ``config`` when given."""
-        inst = cls._from_tensors(config, get)
+        absent bias), already in the target dtype and device; ``cat`` fuses q/k/v and gate/up
+        (llama.py's ``_proj_from``). ``config``: a transformers ``Gemma3TextConfig`` (its
+        defaults fill layer_types and rope_parameters); ``spec`` (eos ids, context length)
+        replaces the one derived from ``config`` when given."""
+        inst = cls._from_tensors(config, get, cat)
         if spec is not None:
             assert spec.sliding_windows == inst.spec.sliding_windows, "spec and config disagree"
             inst.spec = spec
         return inst
 
     @classmethod
-    def _from_tensors(cls, config: Any, get: Callable[[str], torch.Tensor | None]) -> "Gemma3Forward":
-        def proj(*names: str) -> _Proj:
-            ws = [get(f"{n}.weight") for n in names]
-            bs = [get(f"{n}.bias") for n in names]
-            w = ws[0] if len(ws) == 1 else torch.cat(ws)
-            b = None if bs[0] is None else bs[0] if len(bs) == 1 else torch.cat(bs)
-            return _Proj(w, b)
+    def _from_tensors(cls, config: Any, get: Get, cat: Cat | None) -> "Gemma3Forward":
+        proj = functools.partial(_proj_from, get, cat=cat)
         layers = []
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}."

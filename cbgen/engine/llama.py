@@ -34,7 +34,7 @@ import copy
 import functools
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +115,31 @@ def _fuse(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
             m.bias = torch.nn.Parameter(b[row:row + n], requires_grad=False)
         row += n
     return w, b
+
+
+Get = Callable[[str], torch.Tensor | None]
+Cat = Callable[[Sequence[str]], torch.Tensor | None]
+
+
+def _cat(get: Get, names: Sequence[str]) -> torch.Tensor | None:
+    """``torch.cat`` of ``get``'s tensors along dim 0; None when all are absent (None), ValueError when some are."""
+    ts = [get(n) for n in names]
+    if all(t is None for t in ts):
+        return None
+    if any(t is None for t in ts):
+        raise ValueError(f"mixed biases: {', '.join(names)}")
+    return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+
+def _proj_from(get: Get, *names: str, cat: Cat | None = None) -> _Proj:
+    """The projection of the checkpoint modules ``names`` (e.g. a layer's q, k and v) as one GEMM:
+    their ``.weight`` tensors concatenated along the output dim, their ``.bias`` tensors likewise
+    (None when none has one). ``get`` returns a tensor by name (None for an absent bias);
+    ``cat`` concatenates named tensors the same way, faster where the loader can (e.g. a view of
+    pieces stored back to back: cbgen/models/checkpoint.py); default: ``torch.cat`` of ``get``'s.
+    Raises ValueError when some of them have a bias and others do not."""
+    cat = cat or functools.partial(_cat, get)
+    return _Proj(cat([f"{n}.weight" for n in names]), cat([f"{n}.bias" for n in names]))
 
 
 def head_dim_of(c) -> int:
@@ -227,17 +252,13 @@ class LlamaForward:
                    _can_pack(embed.dtype, embed.device))
 
     @classmethod
-    def from_tensors(cls, spec: ModelSpec, c, get: Callable[[str], torch.Tensor | None]) -> "LlamaForward":
+    def from_tensors(cls, spec: ModelSpec, c, get: Get, cat: Cat | None = None) -> "LlamaForward":
         """From checkpoint tensors by their transformers names (``get`` returns None for a missing
-        bias), already in the target dtype and device; ``c``: config.json's fields as attributes
-        (``intermediate_size``, ``rms_norm_eps``, ``tie_word_embeddings``); a transformers config
-        object when the rope type is not "default" (its frequencies come from transformers)."""
-        def proj(*names: str) -> _Proj:
-            ws = [get(f"{n}.weight") for n in names]
-            bs = [get(f"{n}.bias") for n in names]
-            w = ws[0] if len(ws) == 1 else torch.cat(ws)
-            b = None if bs[0] is None else bs[0] if len(bs) == 1 else torch.cat(bs)
-            return _Proj(w, b)
+        bias), already in the target dtype and device; ``cat`` fuses q/k/v and gate/up (see
+        ``_proj_from``); ``c``: config.json's fields as attributes (``intermediate_size``,
+        ``rms_norm_eps``, ``tie_word_embeddings``); a transformers config object when the rope
+        type is not "default" (its frequencies come from transformers)."""
+        proj = functools.partial(_proj_from, get, cat=cat)
         layers = []
         for i in range(spec.num_layers):
             p = f"model.layers.{i}."

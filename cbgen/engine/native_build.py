@@ -27,6 +27,8 @@ from ..config import cpu_flags
 
 CSRC = Path(__file__).with_name("csrc")
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
+# A build takes seconds on an idle machine; one took 140 s beside a full test run on 2 cores.
+BUILD_TIMEOUT_S = 600
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -42,11 +44,28 @@ def _build(cc: str, source: Path, dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([cc, *CFLAGS, "-o", tmp, str(source)], check=True, capture_output=True, timeout=120)
+        subprocess.run([cc, *CFLAGS, "-o", tmp, str(source)], check=True, capture_output=True,
+                       timeout=BUILD_TIMEOUT_S)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _why(e: Exception) -> str:
+    """What went wrong, in words: a timeout says so and names the limit."""
+    if isinstance(e, subprocess.TimeoutExpired):
+        return f"the C build timed out after {e.timeout:.0f} s; the next run tries again"
+    if isinstance(e, subprocess.CalledProcessError):
+        return f"the C build failed with exit status {e.returncode}"
+    return str(e)
+
+
+def _compiler_message(e: Exception) -> str:
+    """The compiler's first error line (else its first line), or empty if it printed nothing."""
+    lines = [ln.strip() for ln in (getattr(e, "stderr", b"") or b"").decode(errors="replace").splitlines()]
+    lines = [ln for ln in lines if ln]
+    return next((ln for ln in lines if "error" in ln), lines[0] if lines else "")
 
 
 def load_library(name: str, cache_dir: Path, what: str) -> ctypes.CDLL | None:
@@ -69,8 +88,7 @@ def load_library(name: str, cache_dir: Path, what: str) -> ctypes.CDLL | None:
                 _build(cc, source, dest)
             lib = ctypes.CDLL(str(dest))
         except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", b"") or b""
-            print(f"cbgen: {what} unavailable ({e}); using the torch path. "
-                  f"{detail.decode(errors='replace').strip()[:200]}", file=sys.stderr)
+            print(f"cbgen: {what} unavailable ({_why(e)}); using the torch path. "
+                  f"{_compiler_message(e)[:300]}", file=sys.stderr)
         _loaded[str(dest)] = lib
         return lib

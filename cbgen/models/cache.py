@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from cbgen.config import cache_root
 
@@ -152,6 +153,22 @@ def remove(path: Path) -> None:
     doomed = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-rm-", dir=path.parent))
     os.rename(path, doomed)
     shutil.rmtree(doomed)
+
+
+def rm(names: list[str], everything: bool = False, cache_dir: str | None = None) -> Iterator[str]:
+    """Remove the conversions ``names`` select (``select``), or all and the stale temp dirs with
+    ``everything``; yields a ``removed ...`` line after each. Raises ``LookupError`` naming unknown
+    names before anything is removed, ``OSError`` from a removal."""
+    found = list_conversions(cache_dir)
+    chosen, unknown = (found, []) if everything else select(found, names)
+    if unknown:
+        raise LookupError(f"no conversion named {', '.join(unknown)} in {gguf_dir(cache_dir)} "
+                          "(see `cbgen cache ls`)")
+    doomed = [(c.path, f"{c.name} {c.dtype} {human_size(c.size_bytes)}") for c in chosen]
+    doomed += [(p, "stale temp dir") for p, stale in temp_dirs(cache_dir) if stale and everything]
+    for path, what in doomed:
+        remove(path)
+        yield f"removed {what} ({path.name})"
 
 
 def prune(cache_dir: str | None = None) -> list[tuple[Path, str]]:

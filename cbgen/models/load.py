@@ -117,30 +117,18 @@ def _hf_config(c: dict) -> Any:
 def _load_native(path: Path, c: dict, dtype: "torch.dtype", device: "torch.device",
                  eos: tuple[int, ...], max_model_len: int) -> Any:
     """The native forward (cbgen/engine/architectures.py: NATIVE) over ``path``'s safetensors,
-    cast to ``dtype`` on ``device``. The tensors are read through safetensors' mmap, one at a time."""
+    in ``dtype`` on ``device``: views of the memory-mapped files where the stored dtype is
+    ``dtype`` on the CPU, fused q/k/v and gate/up included (checkpoint.py)."""
     from types import SimpleNamespace
 
     import torch
-    from safetensors import safe_open
 
     from cbgen.engine.architectures import native_class
     from cbgen.engine.model_spec import ModelSpec
 
-    index = path / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-             else ["model.safetensors"])
-    handles = [safe_open(str(path / f), framework="pt") for f in files]
-    where = {k: h for h in handles for k in h.keys()}
+    from .checkpoint import MappedCheckpoint
 
-    def get(name: str):
-        """A tensor by its transformers name; a missing bias is None, any other missing weight an error."""
-        h = where.get(name)
-        if h is None:
-            if name.endswith(".bias"):
-                return None
-            raise KeyError(f"weight {name} is missing from the safetensors")
-        return h.get_tensor(name).to(device=device, dtype=dtype)
-
+    checkpoint = MappedCheckpoint(path, dtype, device)
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     plain = c["model_type"] in ("llama", "mistral", "qwen2") and \
         rope.get("rope_type", rope.get("type", "default")) == "default"
@@ -157,7 +145,7 @@ def _load_native(path: Path, c: dict, dtype: "torch.dtype", device: "torch.devic
     spec = ModelSpec.from_config(config, dtype=str(dtype).removeprefix("torch."), max_model_len=max_model_len,
                                  eos_token_ids=eos)
     with torch.no_grad():
-        return native_class(c["model_type"]).from_tensors(spec, config, get)
+        return native_class(c["model_type"]).from_tensors(spec, config, checkpoint.get, cat=checkpoint.cat)
 
 
 def _max_len(max_position_embeddings: int | None, tokenizer: Any) -> int:
