@@ -332,7 +332,7 @@ def cache_rm(names: Optional[list[str]] = typer.Argument(None, help="A model nam
     """Remove conversions; the next load of their GGUF converts it again."""
     from .models import cache
     if bool(names) == all_:
-        fail("give NAME... or --all", code=1)
+        fail("give NAME... or --all")   # a usage error: exit 2, as everywhere
     try:
         for line in cache.rm(names or [], everything=all_):
             typer.echo(line)

@@ -75,7 +75,7 @@ def test_rm_needs_names_or_all(cached):
     _src, root, _dirs = cached
     for args in (["rm"], ["rm", "--all", "tiny-llama"]):
         r = cache(args, root)
-        assert r.exit_code == 1 and "give NAME... or --all" in r.stderr
+        assert r.exit_code == 2 and "give NAME... or --all" in r.stderr
 
 
 def test_rm_all(cached):
