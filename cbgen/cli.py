@@ -29,6 +29,8 @@ DtypeOpt = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 (auto
 ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: all cores).")
 ImplOpt = typer.Option("auto", "--impl", help="How the model runs: auto | native (cbgen's own forward) | "
                        "transformers (its modules, paged attention). auto: the fastest that serves it.")
+QuantizeOpt = typer.Option("none", "--quantize", help="none | int8: weight-only int8 projections, one scale per "
+                           "output channel (faster decode at small batch; quality cost in README).")
 DeterministicOpt = typer.Option(False, "--deterministic", help="Batch-invariant: a greedy or seeded output "
                                 "depends only on its prompt and params, not on what else runs (costs speed at "
                                 "small batch; README).")
@@ -40,14 +42,14 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _load(model: str | None, dtype: str, threads: int | None, chat_template: str | None = None,
-          impl: str = "auto"):
+          impl: str = "auto", quantize: str = "none"):
     """Load the model, turning every expected failure into a one-line error. ``chat_template``
     (Jinja source) replaces the tokenizer's for the whole process."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never a network hang
     from .compute import compute_thread
     from .models import ModelError, load_model
     try:
-        cfg = ModelConfig(model=model, dtype=dtype, threads=threads, impl=impl)
+        cfg = ModelConfig(model=model, dtype=dtype, threads=threads, impl=impl, quantize=quantize)
         # On the compute thread, where the engine will step: one OpenMP team (cbgen/compute.py).
         loaded = compute_thread().call(load_model, cfg, status=lambda msg: err.print(msg, style="dim",
                                                                                       highlight=False))
@@ -120,6 +122,7 @@ def run(
     dtype: str = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,
     impl: str = ImplOpt,
+    quantize: str = QuantizeOpt,
     fmt: str = typer.Option("jsonl", "--format", help="jsonl | openai (OpenAI Batch output lines) | text."),
     text: bool = typer.Option(False, "--text", help="Print just the generated text (same as --format text)."),
     order: Optional[str] = typer.Option(None, "--order", help="finish (default for stdin) | input (default for files)."),
@@ -221,7 +224,7 @@ def run(
         fail(str(e))
     structured = _structured(json_mode, json_schema, regex, choice, grammar)
     cfg = _engine_config(max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention, deterministic)
-    loaded = _load(model, dtype, threads, _chat_template(chat_template), impl)
+    loaded = _load(model, dtype, threads, _chat_template(chat_template), impl, quantize)
     if validate:
         from .frontends.validate import validate_inputs
         raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err, tables.spec))
@@ -275,7 +278,7 @@ def _run_on_ray(loaded, dtype: str, cfg: EngineConfig, pool_opts, opts, named: b
     from .frontends.run import BatchRun
     # Workers load by absolute path (their cwd differs); the driver keeps only the tokenizer.
     model_cfg = ModelConfig(model=os.path.abspath(loaded.origin) if named else None, dtype=dtype,
-                            impl=loaded.impl)
+                            impl=loaded.impl, quantize=loaded.quantize)
     loaded.model = None
     gc.collect()
     pool = RayPool(model_cfg, cfg, pool_opts, status=lambda m: err.print(m, style="dim", highlight=False))
@@ -303,10 +306,10 @@ def merge(
 
 @app.command()
 def info(model: Optional[str] = ModelOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt,
-         impl: str = ImplOpt) -> None:
+         impl: str = ImplOpt, quantize: str = QuantizeOpt) -> None:
     """Show what would be loaded: path, architecture, parameters, dtype, context, template."""
     from .models import model_info
-    loaded = _load(model, dtype, threads, impl=impl)
+    loaded = _load(model, dtype, threads, impl=impl, quantize=quantize)
     from .compute import compute_thread
     for k, v in compute_thread().call(model_info, loaded).items():   # torch threads as the engine sees them
         typer.echo(f"{k:<18} {v}")
@@ -360,6 +363,7 @@ def chat(
     dtype: str = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,
     impl: str = ImplOpt,
+    quantize: str = QuantizeOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System message for new conversations."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", metavar="FILE",
                                                 help="Jinja chat template instead of the model's."),
@@ -386,7 +390,7 @@ def chat(
             open(json_log, "a", encoding="utf-8").close()
         except OSError as e:
             fail(f"--json-log {json_log!r}: cannot open: {e.strerror or e}")
-    loaded = _load(model, dtype, threads, _chat_template(chat_template), impl)
+    loaded = _load(model, dtype, threads, _chat_template(chat_template), impl, quantize)
     engine = _engine(loaded, cfg)
     raise typer.Exit(run_chat(engine, loaded, defaults, system=system, json_log=json_log))
 

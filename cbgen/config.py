@@ -218,6 +218,8 @@ class ModelConfig:
     # "auto" = native where the architecture has one, else transformers' modules, else
     # the one-sequence-at-a-time fallback.
     impl: str = "auto"
+    # Weight-only quantization of the projections (cbgen/engine/quantize.py): "none" | "int8".
+    quantize: str = "none"
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"),
@@ -228,6 +230,7 @@ class ModelConfig:
                "threads", self.threads, "an integer >= 1")
         _check(self.impl in ("auto", "native", "transformers"),
                "impl", self.impl, "one of auto, native, transformers")
+        _check(self.quantize in ("none", "int8"), "quantize", self.quantize, "none or int8")
 
 
 __all__ = ["SamplingParams", "EngineConfig", "ModelConfig", "field"]

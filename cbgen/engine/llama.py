@@ -47,13 +47,27 @@ NATIVE_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 
 
 class _Proj:
-    """y = x W^T + b, through a pre-packed oneDNN weight where that is exact (see above)."""
+    """y = x W^T + b, through a pre-packed oneDNN weight where that is exact (see above), or
+    through the native few-row GEMM (linear_rows.py) for calls of at most ``rows_max`` rows."""
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
         self.w, self.b, self.packed = w, b, None
+        # Weight-only int8 (quantize.py): q [N, K] int8 and scale [N] float32; w is then
+        # q * scale in the model dtype, for the calls the native kernel does not take.
+        self.q: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+        # The native few-row GEMM bound to these weights, and the most rows it takes per call (0: none).
+        self.rows, self.rows_max = None, 0
+
+    def use_rows(self, kernel, rows_max: int) -> None:
+        """Calls of at most ``rows_max`` rows go through ``kernel`` (a linear_rows.LinearRows;
+        None or 0: never)."""
+        self.rows_max = rows_max if kernel is not None else 0
+        b32 = None if self.b is None else self.b.float().contiguous()
+        self.rows = None if kernel is None else kernel.bind(self.w if self.q is None else self.q, self.scale, b32)
 
     def pack(self) -> None:
-        if not _reorder_works():
+        if not _reorder_works() or self.rows_max >= ALL_ROWS:
             return
         packed = torch.ops.mkldnn._reorder_linear_weight(self.w)
         probe = torch.randn(3, self.w.shape[1], generator=torch.Generator().manual_seed(0)).to(self.w.dtype)
@@ -63,14 +77,21 @@ class _Proj:
     def _packed(self, x: torch.Tensor, packed) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.b, "none", [], "")
 
-    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.w, self.b) if self.packed is None else self._packed(x, self.packed)
 
     def __call__(self, x: torch.Tensor, row_tile: int | None = None) -> torch.Tensor:
-        """x [T, in] -> [T, out]; with ``row_tile``, on fixed row tiles (batch_invariant.py)."""
-        if row_tile is None:
-            return self._linear(x)
-        return tiled(self._linear, x, row_tile, self.w if self.packed is None else None, self.b)
+        """x [T, in] -> [T, out]. With ``row_tile`` (deterministic), batch-invariant: through the
+        native kernel if every call of this projection goes there (it is invariant by
+        construction), else through torch on fixed row tiles (batch_invariant.py)."""
+        if x.shape[0] <= self.rows_max and (row_tile is None or self.rows_max >= ALL_ROWS):
+            return self.rows(x, x.dtype)
+        if row_tile is not None:
+            return tiled(self._torch, x, row_tile, self.w if self.packed is None else None, self.b)
+        return self._torch(x)
+
+
+ALL_ROWS = 1 << 30   # rows_max for "every call"
 
 
 def _can_pack(dtype: torch.dtype, device: torch.device) -> bool:

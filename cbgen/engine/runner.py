@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..config import EngineConfig, cache_root
-from . import fused_ops, paged_kernel
+from . import fused_ops, linear_rows, paged_kernel, quantize
+from .llama import _can_pack
 from .architectures import UnsupportedModelError
 from .batch_invariant import row_tile_for
 from .attention import BatchSequence, PagedBatch, PrefillChunk
@@ -72,6 +73,11 @@ class ModelRunner:
         # Native residual add + RMSNorm and greedy argmax: bf16 only (float32 keeps exact torch ops).
         self.fused = (fused_ops.load(cache_root() / "kernels")
                       if self.dtype == torch.bfloat16 and self.device.type == "cpu" else None)
+        # The native few-row GEMM for bf16 and int8 projections on CPU (quantize.apply says which).
+        if self.device.type == "cpu" and hasattr(model, "projections") and (
+                self.dtype == torch.bfloat16 or any(p.q is not None for p in model.projections())):
+            quantize.apply(model, "none", linear_rows.load(cache_root() / "kernels"),
+                           packable=_can_pack(self.dtype, self.device))
         # One extra block at the end, zeroed and never written: padded decode-table
         # entries point at it (the kernel never reads them; the torch path gathers
         # and then zeroes every position past a sequence's length).

@@ -45,6 +45,7 @@ def model_info(loaded: LoadedModel) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "dtype_reason": loaded.dtype_reason,
+        "quantize": loaded.quantize,
         "device": str(loaded.device),
         "context_length": loaded.max_model_len,
         "vocab_size": len(loaded.tokenizer),

@@ -44,6 +44,7 @@ class LoadedModel:
     spec: Any = None  # ModelSpec (cbgen/engine/model_spec.py): architecture, per-layer attention, eos ids
     impl: str = "auto"  # the knob it was loaded with (ModelConfig.impl); the engine honours it
     serving: str = "native"  # how it will run: native | transformers | fallback (engine/architectures.py)
+    quantize: str = "none"   # ModelConfig.quantize, applied at load (engine/quantize.py)
 
     @property
     def native(self) -> bool:
@@ -241,7 +242,14 @@ def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel
             spec = model.spec
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise ModelError(f"cannot load {path}: {_one_line(e)}") from e
+        if cfg.quantize != "none":
+            from cbgen.engine.quantize import apply
+            status(f"quantizing the projections to {cfg.quantize}")
+            apply(model, cfg.quantize, kernel=None, packable=False)
     else:
+        if cfg.quantize != "none":
+            raise ModelError(f"{path}: --quantize {cfg.quantize} needs cbgen's native forward, and this model "
+                             f"runs through transformers ({how.impl}); use --quantize none")
         model, tokenizer = _load_dir(path, dtype, device)
         eos = eos_token_ids(tokenizer, model)
         gen = model.generation_config
@@ -262,4 +270,4 @@ def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel
         dtype=dtype, dtype_reason=reason, device=device, max_model_len=max_len,
         has_chat_template=bool(tokenizer.chat_template), converted=converted,
         load_seconds=time.perf_counter() - t0, origin=res.path, spec=spec, impl=cfg.impl,
-        serving=how.impl)
+        serving=how.impl, quantize=cfg.quantize)

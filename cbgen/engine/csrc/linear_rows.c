@@ -1,0 +1,156 @@
+/* y = x W^T (* scale) + b for a few rows of x: the projections of a decode step at
+ * low batch, where every weight byte is read once per step and the GEMM is bound by
+ * memory bandwidth, not arithmetic. Weights are bf16, or int8 with one float32 scale
+ * per output channel (weight-only quantization, as torch's _weight_int8pack_mm).
+ *
+ * Why not torch: on CPUs without AVX-512 bf16 (e.g. AMD Zen 3) oneDNN's bf16 GEMM at
+ * 1-4 rows reads ~11 GB/s, and _weight_int8pack_mm with float32 activations is slower
+ * than the float32 GEMM it replaces (benchmarks/NOTES.md, change 15).
+ *
+ * Order of work, and why: threads split the output channels N (static blocks); each
+ * channel's weight row is converted to float32 once per 8 elements and multiplied into
+ * up to 4 activation rows at a time while it is in registers, so the weights stream
+ * from memory once per call however many rows there are. Every output (m, n) is one
+ * sequential fused-multiply-add chain over k in 8 lanes, summed lane by lane at the
+ * end: the same operations whatever M, the row's position and the thread count, so
+ * the kernel is batch-invariant by construction.
+ *
+ * Layout: x [M, K] float32 or bf16 (row stride ldx elements), w [N, K] row-major,
+ * scale [N] float32 (int8 only), bias [N] float32 or NULL, y [M, N] float32 or bf16
+ * contiguous. K is any size (a scalar tail after the last multiple of 8).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+enum { W_BF16 = 0, W_INT8 = 1 };
+
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 8
+#endif
+
+#ifdef __AVX2__
+static inline __m256 load_w8(const void *w, int wtype, int64_t i) {
+    if (wtype == W_INT8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i))));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i))), 16));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+static inline float load_w1(const void *w, int wtype, int64_t i) {
+    return wtype == W_INT8 ? (float)((const int8_t *)w)[i] : bf16_to_f32(((const uint16_t *)w)[i]);
+}
+
+/* out[j][c] = dot(x row j, weight row n0 + c) for j < R rows, c < C channels: R * C
+ * independent FMA chains (one chain alone waits on the FMA latency). Called with
+ * constant R and C, so after inlining the accumulators live in registers. */
+static inline __attribute__((always_inline)) void dot_tile(const float *x, int64_t ldx, const void *w, int wtype,
+                                                          int64_t n0, int K, const int R, const int C,
+                                                          float out[4][4]) {
+    int k = 0;
+    for (int j = 0; j < R; j++)
+        for (int c = 0; c < C; c++) out[j][c] = 0.0f;
+#ifdef __AVX2__
+    __m256 acc[4][4];
+    for (int j = 0; j < R; j++)
+        for (int c = 0; c < C; c++) acc[j][c] = _mm256_setzero_ps();
+    /* Software prefetch, one sequential stream: while this tile's C rows are read, the C rows
+     * PREFETCH_ROWS further on are touched C * 8 elements per step, which covers them once. A
+     * row at a time the hardware prefetchers saw C short streams and the int8 GEMM ran at 4.6
+     * GB/s (LM-head-sized weights, this file's NOTES entry); with this, ~2x that. */
+    const int64_t esize = wtype == W_INT8 ? 1 : 2;
+    const char *pf = (const char *)w + (n0 + PREFETCH_ROWS) * K * esize;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv[4];
+        _mm_prefetch(pf + (int64_t)k * C * esize, _MM_HINT_T0);
+        for (int c = 0; c < C; c++) wv[c] = load_w8(w, wtype, (n0 + c) * K + k);
+        for (int j = 0; j < R; j++) {
+            const __m256 xv = _mm256_loadu_ps(x + j * ldx + k);
+            for (int c = 0; c < C; c++) acc[j][c] = _mm256_fmadd_ps(wv[c], xv, acc[j][c]);
+        }
+    }
+    for (int j = 0; j < R; j++)
+        for (int c = 0; c < C; c++) out[j][c] = hsum(acc[j][c]);
+#endif
+    for (; k < K; k++)
+        for (int c = 0; c < C; c++) {
+            const float wk = load_w1(w, wtype, (n0 + c) * K + k);
+            for (int j = 0; j < R; j++) out[j][c] += wk * x[j * ldx + k];
+        }
+}
+
+/* Rows [m0, m0 + R) x channels [n0, n0 + C) of y. */
+static inline __attribute__((always_inline)) void y_tile(const float *x, int64_t ldx, int m0, int n0, int K,
+                                                        const void *w, int wtype, const float *scale,
+                                                        const float *bias, void *y, int y_bf16, int N,
+                                                        const int R, const int C) {
+    float d[4][4];
+    dot_tile(x + (int64_t)m0 * ldx, ldx, w, wtype, n0, K, R, C, d);
+    for (int c = 0; c < C; c++) {
+        const float s = wtype == W_INT8 ? scale[n0 + c] : 1.0f;
+        const float b = bias ? bias[n0 + c] : 0.0f;
+        for (int j = 0; j < R; j++) {
+            const float v = d[j][c] * s + b;
+            const size_t at = (size_t)(m0 + j) * N + n0 + c;
+            if (y_bf16) ((uint16_t *)y)[at] = f32_to_bf16(v);
+            else ((float *)y)[at] = v;
+        }
+    }
+}
+
+#define TILE(R, C) y_tile(xf, ldx, m0, n0, K, w, wtype, scale, bias, y, y_bf16, N, R, C)
+
+/* y = x W^T (* scale per channel for int8) + bias. x_bf16/y_bf16 select the activation
+ * and output dtypes (else float32). Returns 0, or -1 if the float32 copy of a bf16 x
+ * could not be allocated. */
+int linear_rows(const void *x, int x_bf16, int64_t ldx, int M, int K, const void *w, int wtype,
+                const float *scale, const float *bias, void *y, int y_bf16, int N, int nthreads) {
+    const float *xf = (const float *)x;
+    float *tmp = NULL;
+    if (x_bf16) {
+        tmp = (float *)malloc(sizeof(float) * (size_t)M * K);
+        if (!tmp) return -1;
+        for (int m = 0; m < M; m++)
+            for (int k = 0; k < K; k++) tmp[(size_t)m * K + k] = bf16_to_f32(((const uint16_t *)x)[m * ldx + k]);
+        xf = tmp;
+        ldx = K;
+    }
+    /* Blocks of 4 channels (a last block of 1-3 runs one channel at a time); within a
+     * block, 4 rows x 2 channels while >= 4 rows are left, then 1-3 rows x 4 channels. */
+    const int blocks = (N + 3) / 4;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int blk = 0; blk < blocks; blk++) {
+        const int nb = blk * 4;
+        if (nb + 4 > N) {
+            for (int n0 = nb; n0 < N; n0++)
+                for (int m0 = 0; m0 < M; m0++) TILE(1, 1);
+            continue;
+        }
+        int m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4)
+            for (int n0 = nb; n0 < nb + 4; n0 += 2) TILE(4, 2);
+        const int n0 = nb;
+        switch (M - m0) {
+            case 3: TILE(3, 4); break;
+            case 2: TILE(2, 4); break;
+            case 1: TILE(1, 4); break;
+            default: break;
+        }
+    }
+    free(tmp);
+    return 0;
+}

@@ -1,0 +1,79 @@
+"""Weight-only int8 (``--quantize int8``) and which projections take the native few-row GEMM.
+
+int8: every projection of a native forward (q/k/v, o, gate/up, down and the LM head; not
+the embedding, not the norms) becomes int8 with one float32 scale per output channel,
+symmetric round-to-nearest: ``scale = max|w_row| / 127``, ``q = round(w / scale)`` in
+[-127, 127] (the scheme of torch's ``_weight_int8pack_mm`` and of LLM.int8()'s
+row-wise absmax, Dettmers et al. 2022, arXiv:2208.07339). Activations stay in the model
+dtype. The quality cost is measured in benchmarks/RESULTS.md (greedy agreement with the
+unquantized model on the dev prompts, perplexity on a fixed text).
+
+A GGUF that is already quantized (Q8_0, Q4_x) is first de-quantized into the cache by the
+conversion (cbgen/models/gguf.py) and re-quantized here: its per-32-element blocks do not
+map onto one scale per channel, which is what the kernel reads, and the cached float
+checkpoint is also what every other dtype loads from.
+
+Contract: ``quantize_int8(w)`` -> (q, scale). ``apply(model, quantize, kernel)`` quantizes
+(if asked) and routes each projection's calls: the native kernel (linear_rows.py) where it
+wins, torch otherwise. Raises ValueError for a model without native projections.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# int8 projections on a float32 model use the kernel up to this many rows; above it torch's
+# float32 GEMM on the de-quantized copy is as fast (benchmarks/NOTES.md, change 15).
+INT8_FP32_ROWS_MAX = 32
+QUANTIZE_CHOICES = ("none", "int8")
+
+
+def quantize_int8(w: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> q [N, K] int8 (contiguous), scale [N] float32, with w ~ q * scale[:, None].
+    An all-zero row gets scale 1 (and q 0). Works ``chunk_rows`` rows at a time, so the float32
+    temporaries stay small for a large LM head."""
+    N, K = w.shape
+    q = torch.empty(N, K, dtype=torch.int8)
+    scale = torch.empty(N, dtype=torch.float32)
+    for r in range(0, N, chunk_rows):
+        rows = w[r:r + chunk_rows].float()
+        s = rows.abs().amax(dim=1) / 127.0
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[r:r + chunk_rows] = torch.round(rows / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[r:r + chunk_rows] = s
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q * scale[:, None] in ``dtype`` ([N, K])."""
+    return (q.float() * scale[:, None]).to(dtype)
+
+
+def apply(model, quantize: str, kernel, packable: bool) -> None:
+    """Quantize ``model``'s projections (``quantize`` "int8") and give each its GEMM route.
+
+    model: a native forward with ``projections()`` (llama.LlamaForward, gemma3.Gemma3Forward).
+    kernel: a linear_rows.LinearRows or None. packable: oneDNN can pre-pack bf16 here.
+    Routes: int8 on bf16, and bf16 where oneDNN cannot pack, take the kernel at every row
+    count (torch's bf16 GEMM there is slower at every size we measured); int8 on float32 up
+    to INT8_FP32_ROWS_MAX rows; float32 weights never (their parity with transformers is the
+    fidelity check), nor packable bf16 (oneDNN's packed GEMM is the faster one there).
+    """
+    from .llama import ALL_ROWS
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize {quantize!r}: expected one of {', '.join(QUANTIZE_CHOICES)}")
+    projections = getattr(model, "projections", None)
+    if projections is None:
+        if quantize == "int8":
+            raise ValueError(f"--quantize int8 needs cbgen's native forward; {type(model).__name__} has none")
+        return
+    for p in projections():
+        if quantize == "int8" and p.q is None:
+            p.q, p.scale = quantize_int8(p.w)
+            p.w = dequantize(p.q, p.scale, p.w.dtype)
+        bf16 = p.w.dtype == torch.bfloat16
+        if p.q is not None:
+            rows_max = ALL_ROWS if bf16 else INT8_FP32_ROWS_MAX
+        else:
+            rows_max = ALL_ROWS if bf16 and not packable else 0
+        p.use_rows(kernel, rows_max)
