@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 import time
 from typing import Optional
@@ -450,6 +451,8 @@ def bench(
         fail(str(e))
     from .bench.llamacpp import LlamaCppError
     from .models import ModelError
+    # SIGTERM (kill, timeout) unwinds like Ctrl-C, so a llama-server the bench started is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         result = run_bench(opts, status=lambda m: err.print(m, style="dim", highlight=False))
     except (ModelError, FileNotFoundError, ValueError, LlamaCppError) as e:

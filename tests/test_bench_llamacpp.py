@@ -93,7 +93,7 @@ def test_bench_options_llamacpp():
     with pytest.raises(ValueError, match="llamacpp_np"):
         BenchOptions(llamacpp_np=(0,))
     with pytest.raises(ValueError, match="--gguf: no such file"):
-        lc.select_ggufs(("/nonexistent/x.gguf",), None, False, Path("/tmp"))
+        lc.select_ggufs(("/nonexistent/x.gguf",), None)
 
 
 def _embedded_gguf() -> Path:
@@ -118,6 +118,7 @@ def test_llama_server_end_to_end():
     for t in res.requests:
         assert t.num_tokens == 8 and 0 <= t.ttft <= t.latency <= res.wall_s
     assert res.setup_s > 0 and res.summary()["np"] == 2
+    assert res.peak_rss_mb >= res.start_rss_mb > 0 and res.cpu_s > 0      # the server process's own
     assert res.summary()["gguf"] == gguf.name and "stop types {'limit': 2}" in res.notes[0]
 
 
@@ -131,3 +132,51 @@ def test_llama_server_stopped_on_error():
     assert proc.poll() is not None                   # the server process is gone
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.skipif(lc.find_tool("llama-quantize") is None, reason=lc.missing_note("llama-quantize"))
+def test_bf16_gguf_made_once(tiny_gguf, tmp_path):
+    from gguf import GGUFReader, GGMLQuantizationType
+
+    out = lc.bf16_gguf(tiny_gguf, tmp_path)
+    assert out.parent == tmp_path and out.name == "tiny-llama.F32-requant-BF16.gguf"
+    kinds = {t.tensor_type for t in GGUFReader(out).tensors}
+    assert GGMLQuantizationType.BF16 in kinds
+    mtime = out.stat().st_mtime_ns
+    assert lc.bf16_gguf(tiny_gguf, tmp_path) == out and out.stat().st_mtime_ns == mtime   # cached
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    lines = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"What is the capital of Spain? {i}"}]}
+             for i in range(3)]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    return path
+
+
+def _tiny_bench(tiny_loaded, prompt_file, tmp_path, **kw):
+    from cbgen.bench import BenchOptions, run_bench
+    from cbgen.config import ModelConfig
+    from cbgen.models import load_model
+
+    def load(impl):
+        return load_model(ModelConfig(model=str(tiny_loaded.path), dtype="float32", device="cpu", impl=impl,
+                                      threads=1))
+
+    opts = BenchOptions.quick(prompts=str(prompt_file), out=str(tmp_path), real_n=3, real_max_new_tokens=6,
+                              workloads=("real",), systems=("cbgen", "llama-server", "llama-bench"),
+                              llama_bench_n=4, **kw)
+    return run_bench(opts, load=load, write=False)
+
+
+def test_run_bench_skips_llamacpp_with_a_note(tiny_loaded, prompt_file, tmp_path, monkeypatch):
+    from cbgen.bench.report import markdown
+
+    monkeypatch.setenv("CBGEN_LLAMACPP_BIN", str(tmp_path))
+    result = _tiny_bench(tiny_loaded, prompt_file, tmp_path, gguf=("/does/not/matter.gguf",))
+    assert [r["system"] for r in result["workloads"]["real"]["systems"]] == ["cbgen"]
+    assert "llama_bench" not in result and len(result["llamacpp"]["notes"]) == 2
+    md = markdown(result)
+    assert f"- llama.cpp: llama-server: skipped: no llama-server in {tmp_path}" in md

@@ -183,6 +183,19 @@ class LlamaServer:
             time.sleep(0.1)
         raise LlamaCppError(f"llama-server not healthy after {START_TIMEOUT_S:.0f} s: {self._log_tail()}")
 
+    def usage(self) -> tuple[float | None, float | None, float]:
+        """(RSS MB, peak RSS MB so far (Linux VmHWM, else None), CPU s of all its threads) of the server."""
+        import psutil
+        p = psutil.Process(self.proc.pid)
+        cpu = p.cpu_times()
+        peak = None
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                peak = next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            pass
+        return p.memory_info().rss / 2**20, peak, cpu.user + cpu.system
+
     def _log_tail(self) -> str:
         self._log.flush()
         self._log.seek(0)
@@ -296,10 +309,12 @@ def run_llama_server(gguf: Path, parallel: int, threads: int, wl: Workload, syst
     with LlamaServer(ServerSpec(gguf, parallel, server_ctx(wl, parallel), threads)) as srv:
         pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="llama-client")
         try:
+            start_rss, _, cpu0 = srv.usage()
             t0 = now()
             futs = [pool.submit(complete, srv.url, completion_body(p, wl)) for p in wl.prompts]
             outs = [f.result() for f in futs]
             wall = now() - t0
+            _, peak_rss, cpu1 = srv.usage()
         finally:
             # Ctrl-C or an error: drop queued requests; stopping the server ends the in-flight ones.
             pool.shutdown(wait=False, cancel_futures=True)
@@ -308,12 +323,14 @@ def run_llama_server(gguf: Path, parallel: int, threads: int, wl: Workload, syst
     res = RunResult(system, wl.name, wl.num_requests, wl.num_requests, wall, requests=timings,
                     setup_s=srv.start_s, token_ids=[o.token_ids for o in outs],
                     meta={"gguf": gguf.name, "np": parallel})
+    # The server's own process, not the bench's: its peak covers its start-up too (it is fresh).
+    res.peak_rss_mb, res.start_rss_mb, res.cpu_s = peak_rss, start_rss, cpu1 - cpu0
     stops = {}
     for o in outs:
         stops[o.stop_type] = stops.get(o.stop_type, 0) + 1
     res.notes.append(f"llama-server -np {parallel} -c {srv.spec.ctx} -t {threads} on {gguf.name}; "
                      f"streamed /completion with token ids, at most {parallel} in flight; "
-                     f"fresh server per run; stop types {stops}")
+                     f"fresh server per run; stop types {stops}; RSS and CPU are the server process's")
     return res
 
 
@@ -340,10 +357,10 @@ def bf16_gguf(src: Path, cache: Path) -> Path:
     return out
 
 
-def select_ggufs(given: tuple[str, ...], model: str | None, bf16: bool, cache: Path) -> list[Path]:
+def select_ggufs(given: tuple[str, ...], model: str | None) -> list[Path]:
     """The GGUFs llama.cpp runs on: ``given`` (``--gguf``), else the GGUF ``model`` resolves to (the
-    embedded one by default); plus, with ``bf16``, a BF16 requantization of the first. ValueError
-    when there is none (a Hugging Face dir and no --gguf) or a given file is missing."""
+    embedded one by default). ValueError when there is none (a Hugging Face dir and no --gguf) or a
+    given file is missing."""
     if given:
         paths = [Path(g).expanduser() for g in given]
         bad = [str(p) for p in paths if not p.is_file()]
@@ -355,8 +372,6 @@ def select_ggufs(given: tuple[str, ...], model: str | None, bf16: bool, cache: P
         if not r.is_gguf:
             raise ValueError(f"llama.cpp needs a GGUF: {r.name} is not one (pass --gguf PATH)")
         paths = [r.path]
-    if bf16:
-        paths.append(bf16_gguf(paths[0], cache))
     return paths
 
 

@@ -107,9 +107,10 @@ def _timed(fn, *args) -> RunResult:
     la, cpu = load_avg(), time.process_time()
     with RssSampler() as rss:
         res = fn(*args)
-    res.peak_rss_mb, res.start_rss_mb = rss.peak_mb, rss.start_mb
+    if res.start_rss_mb is None:   # else a system in its own process (llama-server) measured itself
+        res.peak_rss_mb, res.start_rss_mb = rss.peak_mb, rss.start_mb
+        res.cpu_s = time.process_time() - cpu
     res.load_avg = (la, load_avg())
-    res.cpu_s = time.process_time() - cpu
     return res
 
 
@@ -268,7 +269,7 @@ def _llamacpp(opts: BenchOptions, offline: list[str], result: dict, status: Stat
             want.remove(tool)
     ggufs = []
     if want:
-        ggufs = lc.select_ggufs(opts.gguf, opts.model, False, cache_root() / "bench")
+        ggufs = lc.select_ggufs(opts.gguf, opts.model)
         if opts.llamacpp_bf16:
             status(f"llama.cpp: BF16 GGUF from {ggufs[0].name} (llama-quantize, cached)")
             try:
