@@ -180,3 +180,27 @@ def test_run_bench_skips_llamacpp_with_a_note(tiny_loaded, prompt_file, tmp_path
     assert "llama_bench" not in result and len(result["llamacpp"]["notes"]) == 2
     md = markdown(result)
     assert f"- llama.cpp: llama-server: skipped: no llama-server in {tmp_path}" in md
+
+
+@needs_server
+@pytest.mark.skipif(lc.find_tool("llama-bench") is None, reason=lc.missing_note("llama-bench"))
+def test_run_bench_with_llamacpp_on_tiny_gguf(tiny_loaded, tiny_gguf, prompt_file, tmp_path):
+    """The whole suite path (rounds, ratios, agreement, best -np, report) with the real binaries, on
+    the tiny llama's own GGUF: the same weights and vocab as the HF model cbgen loads."""
+    from cbgen.bench.report import markdown
+
+    result = _tiny_bench(tiny_loaded, prompt_file, tmp_path, gguf=(str(tiny_gguf),), llamacpp_np=(1, 2))
+    real = result["workloads"]["real"]
+    names = [r["system"] for r in real["systems"]]
+    assert names == ["cbgen", "llama-server tiny-llama.F32 -np 1", "llama-server tiny-llama.F32 -np 2"]
+    for r in real["systems"][1:]:
+        assert r["measured_requests"] == 3 and 3 <= r["generated_tokens"] <= 18 and r["gguf"] == tiny_gguf.name
+    assert real["llama_server_best_np"]["tiny-llama.F32.gguf"] in names[1:]
+    assert set(real["ratios"]) == set(names[1:])
+    assert all(a["compared"] == 3 for a in real["agreement"].values()) and set(real["agreement"]) == set(names[1:])
+    [lb] = result["llama_bench"]["rows"]
+    assert lb["gguf"] == tiny_gguf.name and lb["n_gen"] == 4 and lb["ms_per_token"] > 0
+    md = markdown(result)
+    assert "(best -np)" in md and "| llama-bench tiny-llama.F32.gguf" in md
+    assert any(t["target"].startswith("real: cbgen >= 2x llama-server at its best -np on tiny-llama.F32.gguf")
+               for t in result["targets"])
