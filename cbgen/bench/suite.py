@@ -4,6 +4,9 @@ Each system gets its own freshly loaded model and a small untimed warm-up; the
 offline workloads then run in ``repeats`` rounds, the systems back to back per
 workload. Figures go into one result dict; ``run_bench``
 writes it as JSON (plus the concurrency plot) and returns it.
+
+llama.cpp (llamacpp.py) runs in its own processes on a GGUF: each ``llama-server -np N`` is one
+more system in the rounds (a fresh server per run), ``llama-bench`` runs once per GGUF at the end.
 """
 
 from __future__ import annotations
