@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 import time
 from typing import Optional
@@ -395,6 +396,13 @@ def chat(
     raise typer.Exit(run_chat(engine, loaded, defaults, system=system, json_log=json_log))
 
 
+def _int_item(option: str, x: str) -> int:
+    try:
+        return int(x)
+    except ValueError:
+        raise ValueError(f"{option}: {x!r} is not an integer") from None
+
+
 @app.command()
 def bench(
     prompts: str = typer.Option("../shared/bench/prompts-dev.jsonl", "--prompts",
@@ -402,9 +410,11 @@ def bench(
     workloads: str = typer.Option("uniform,real,arrivals,concurrency,busy,coldstart", "--workloads",
                                   help="Comma list of uniform, real, arrivals, concurrency, busy, coldstart."),
     systems: str = typer.Option("hf,static,generate_batch,cbgen", "--systems",
-                                help="Comma list of hf, static, generate_batch, cbgen-torch, cbgen-direct, cbgen "
-                                     "(cbgen-torch: without its native kernel and forward, for A/B; "
-                                     "cbgen-direct: Engine.generate without the Driver, a diagnostic)."),
+                                help="Comma list of hf, static, generate_batch, cbgen-torch, cbgen-direct, cbgen, "
+                                     "llama-server, llama-bench (cbgen-torch: without its native kernel and "
+                                     "forward, for A/B; cbgen-direct: Engine.generate without the Driver, a "
+                                     "diagnostic; llama-*: llama.cpp from $CBGEN_LLAMACPP_BIN or "
+                                     "~/.cache/cbgen-bench/llama.cpp/build/bin, skipped with a note if absent)."),
     out: str = typer.Option("benchmarks/out", "--out", help="Directory for bench-<timestamp>.json and .png."),
     quick: bool = typer.Option(False, "--quick", help="Small sizes (a smoke test, not a measurement)."),
     hf_max_prompts: Optional[int] = typer.Option(None, "--hf-max-prompts",
@@ -415,11 +425,18 @@ def bench(
     repeats: Optional[int] = typer.Option(None, "--repeats",
                                           help="Rounds of the offline workloads over all systems, round-robin; "
                                                "reports medians and per-round paired ratios (default 1)."),
+    gguf: Optional[list[str]] = typer.Option(None, "--gguf", help="GGUF for llama.cpp (repeatable or a comma "
+                                             "list; default: the GGUF the model resolves to)."),
+    llamacpp_np: Optional[str] = typer.Option(None, "--llamacpp-np",
+                                              help="llama-server -np values, one server each (default "
+                                                   "1,4,16,64; 1,4 with --quick)."),
+    llamacpp_bf16: bool = typer.Option(False, "--llamacpp-bf16", help="Also run llama.cpp on a BF16 GGUF "
+                                       "requantized from the first (llama-quantize, cached)."),
     model: Optional[str] = ModelOpt,
     dtype: str = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
-    """Throughput and latency: HF generate, HF static batching, generate_batch and cbgen on one prompt file."""
+    """Throughput and latency on one prompt file: HF generate, HF static batching, generate_batch, cbgen, llama.cpp."""
     from .bench import BenchOptions, run_bench
     from .bench.report import markdown
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
@@ -428,15 +445,21 @@ def bench(
     try:
         kw = dict(prompts=prompts, workloads=split(workloads), systems=split(systems), out=out, model=model,
                   dtype=dtype, threads=threads)
-        given = {"hf_max_prompts": hf_max_prompts, "batch_size": batch_size, "rate": rate, "repeats": repeats}
+        given = {"hf_max_prompts": hf_max_prompts, "batch_size": batch_size, "rate": rate, "repeats": repeats,
+                 "gguf": split(",".join(gguf)) if gguf else None, "llamacpp_bf16": llamacpp_bf16 or None,
+                 "llamacpp_np": tuple(_int_item("--llamacpp-np", x) for x in split(llamacpp_np))
+                 if llamacpp_np else None}
         kw.update({k: v for k, v in given.items() if v is not None})
         opts = BenchOptions.quick(**kw) if quick else BenchOptions(**kw)
     except ValueError as e:
         fail(str(e))
+    from .bench.llamacpp import LlamaCppError
     from .models import ModelError
+    # SIGTERM (kill, timeout) unwinds like Ctrl-C, so a llama-server the bench started is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         result = run_bench(opts, status=lambda m: err.print(m, style="dim", highlight=False))
-    except (ModelError, FileNotFoundError, ValueError) as e:
+    except (ModelError, FileNotFoundError, ValueError, LlamaCppError) as e:
         fail(str(e))
     typer.echo(markdown(result))
     err.print(f"wrote {result['json_path']}", highlight=False)

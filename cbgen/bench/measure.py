@@ -98,6 +98,7 @@ class RunResult:
     cpu_s: float | None = None    # process CPU time (all threads) during the run
     notes: list[str] = field(default_factory=list)
     token_ids: list[list[int]] = field(default_factory=list, repr=False)  # for the agreement check
+    meta: dict = field(default_factory=dict)   # system parameters a row is told apart by (llama.cpp: gguf, np)
 
     @property
     def generated_tokens(self) -> int:
@@ -141,6 +142,7 @@ class RunResult:
             "cpu_s": r(self.cpu_s, 3),
             "load_avg_before_after": list(self.load_avg) if self.load_avg else None,
             "notes": self.notes,
+            **self.meta,
         }
 
 

@@ -12,6 +12,20 @@ SYSTEM_LABELS = {"hf": "HF generate, one at a time", "static": "HF static batchi
                  "cbgen": "cbgen"}   # through the Driver, as `cbgen run` (see engine_runs.py)
 
 
+def label(system: str) -> str:
+    """Report label of a system; llama.cpp rows are named by their GGUF and -np (llamacpp.py)."""
+    return SYSTEM_LABELS.get(system, system)
+
+
+def best_np(rows: list[dict]) -> dict[str, str]:
+    """Per GGUF, the llama-server row (system name) with the highest tok/s."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["system"].startswith("llama-server") and r["tok_s"] > best.get(r["gguf"], {"tok_s": -1})["tok_s"]:
+            best[r["gguf"]] = r
+    return {g: r["system"] for g, r in best.items()}
+
+
 def _f(v, fmt: str = "{:.2f}") -> str:
     return "–" if v is None else fmt.format(v)
 
@@ -67,6 +81,10 @@ def targets(result: dict) -> list[dict]:
         v = ratio(wl, system)
         t.append({"target": f"{wl}: cbgen >= {need:g}x {SYSTEM_LABELS[system]} (tok/s)",
                   "measured": v, "holds": None if v is None else v >= need})
+    for gguf, system in w.get("real", {}).get("llama_server_best_np", {}).items():
+        v = ratio("real", system)
+        t.append({"target": f"real: cbgen >= 2x llama-server at its best -np on {gguf} (tok/s)",
+                  "measured": v, "holds": None if v is None else v >= 2.0})
     conc = {c["concurrency"]: c["tok_s"] for c in w.get("concurrency", {}).get("levels", [])}
     v = conc.get(64)
     t.append({"target": "decode at 64 concurrent sequences >= 400 tok/s", "measured": v,
@@ -92,6 +110,7 @@ def markdown(result: dict) -> str:
         if name not in w:
             continue
         d = w[name]
+        best = set(d.get("llama_server_best_np", {}).values())
         lines += [f"### {name}: {d['spec']}", "",
                   "| system | tok/s | req/s | wall s | TTFT p50 / p99 s | TPOT p50 / p99 ms | peak RSS MB "
                   "| cbgen x (tok/s) | cbgen x (time) |",
@@ -100,7 +119,8 @@ def markdown(result: dict) -> str:
             ra = d["ratios"].get(r["system"], {})
             wall = _f(r["projected_wall_s"], "{:.1f}") + (" (extrap.)" if r["extrapolated"] else "")
             lines.append(
-                f"| {SYSTEM_LABELS[r['system']]}{' *' if r['extrapolated'] else ''} | {_f(r['tok_s'], '{:.1f}')} "
+                f"| {label(r['system'])}{' (best -np)' if r['system'] in best else ''}"
+                f"{' *' if r['extrapolated'] else ''} | {_f(r['tok_s'], '{:.1f}')} "
                 f"| {_f(r['req_s'], '{:.3f}')} | {wall} | {_f(r['ttft_p50_s'])} / {_f(r['ttft_p99_s'])} "
                 f"| {_f(r['tpot_p50_s'] and 1000 * r['tpot_p50_s'], '{:.1f}')} / "
                 f"{_f(r['tpot_p99_s'] and 1000 * r['tpot_p99_s'], '{:.1f}')} | {_f(r['peak_rss_mb'], '{:.0f}')} "
@@ -132,6 +152,7 @@ def markdown(result: dict) -> str:
                   "|---:|---:|---:|"]
         lines += [f"| {c['concurrency']} | {c['tok_s']} | {c['step_ms']} |" for c in w["concurrency"]["levels"]]
         lines.append("")
+    lines += _llama_bench_lines(result)
     if "busy" in w:
         b = w["busy"]
         lines += [f"### busy batch: probe TTFT with {b['busy']} decoding", "",
@@ -151,6 +172,25 @@ def markdown(result: dict) -> str:
         holds = "–" if t["holds"] is None else ("yes" if t["holds"] else "NO")
         lines.append(f"| {t['target']} | {_f(t['measured'])} | {holds} |")
     return "\n".join(lines) + "\n"
+
+
+def _llama_bench_lines(result: dict) -> list[str]:
+    """Batch-1 decode: llama-bench per GGUF next to cbgen's 1-sequence step (concurrency sweep)."""
+    lc = result.get("llamacpp", {})
+    lb = result.get("llama_bench")
+    lines = [f"- llama.cpp: {n}" for n in lc.get("notes", [])]
+    if lb:
+        one = next((c for c in result["workloads"].get("concurrency", {}).get("levels", [])
+                    if c["concurrency"] == 1), None)
+        lines += ["### batch-1 decode: llama-bench vs cbgen at 1 sequence", "", f"`{lb['spec']}`", "",
+                  "| system | ms/token | tok/s |", "|---|---:|---:|"]
+        lines += [f"| llama-bench {r['gguf']} ({r['model_type']}) | {r['ms_per_token']:.2f} ± "
+                  f"{r['ms_per_token_stddev']:.2f} | {r['tok_s']:.1f} |" for r in lb["rows"]]
+        env = result["env"]
+        lines.append(f"| cbgen {env['model']} {env['dtype']}, decode step at concurrency 1 | {one['step_ms']} "
+                     f"| {one['tok_s']} |" if one else
+                     "| cbgen, 1 sequence | not measured: add concurrency to --workloads | – |")
+    return lines + [""] if lines else []
 
 
 def write_json(result: dict, path: Path) -> None:

@@ -4,6 +4,9 @@ Each system gets its own freshly loaded model and a small untimed warm-up; the
 offline workloads then run in ``repeats`` rounds, the systems back to back per
 workload. Figures go into one result dict; ``run_bench``
 writes it as JSON (plus the concurrency plot) and returns it.
+
+llama.cpp (llamacpp.py) runs in its own processes on a GGUF: each ``llama-server -np N`` is one
+more system in the rounds (a fresh server per run), ``llama-bench`` runs once per GGUF at the end.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from .engine_runs import busy_batch_ttft, decode_throughput, run_arrivals, run_c
 from .measure import RssSampler, RunResult, cpu_pressure, load_avg, max_rss_mb
 from .workloads import DEFAULT_PROMPTS, Workload, load_prompt_ids, real, uniform
 
-SYSTEMS = ("hf", "static", "generate_batch", "cbgen-torch", "cbgen-direct", "cbgen")
+SYSTEMS = ("hf", "static", "generate_batch", "cbgen-torch", "cbgen-direct", "cbgen", "llama-server", "llama-bench")
 # cbgen-torch (opt-in): the engine without its native parts (transformers' modules,
 # gather + SDPA attention), to measure what the kernel and the native forward buy.
 DEFAULT_SYSTEMS = ("hf", "static", "generate_batch", "cbgen")
+LLAMACPP = ("llama-server", "llama-bench")   # separate processes on a GGUF (llamacpp.py), not torch
 WORKLOADS = ("uniform", "real", "arrivals", "concurrency", "busy", "coldstart")
 CBGEN_ONLY = ("arrivals", "concurrency", "busy")
 
@@ -62,6 +66,11 @@ class BenchOptions:
     max_batched_tokens: int = EngineConfig.max_num_batched_tokens
     kv_cache_gb: float = EngineConfig.kv_cache_gb   # the engine's default pool
     repeats: int = 1                  # offline workloads: rounds over all systems (median + paired ratios)
+    gguf: tuple[str, ...] = ()        # llama.cpp's GGUFs; () = the one the model resolves to
+    llamacpp_np: tuple[int, ...] = (1, 4, 16, 64)   # llama-server -np, one server per value
+    llamacpp_bf16: bool = False       # also a BF16 requantization of the first GGUF
+    llama_bench_n: int = 128          # llama-bench -n (tokens decoded per repetition)
+    llama_bench_r: int = 3            # llama-bench -r
 
     def __post_init__(self) -> None:
         bad = [w for w in self.workloads if w not in WORKLOADS]
@@ -71,7 +80,8 @@ class BenchOptions:
         if bad:
             raise ValueError(f"systems: unknown {bad}; known: {', '.join(SYSTEMS)}")
         for name in ("uniform_n", "uniform_m", "real_n", "real_max_new_tokens", "batch_size", "arrivals_n",
-                     "decode_steps", "busy", "probes", "coldstart_repeats", "repeats"):
+                     "decode_steps", "busy", "probes", "coldstart_repeats", "repeats", "llama_bench_n",
+                     "llama_bench_r"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 1, name, value, "an integer >= 1")
         _check(self.hf_max_prompts is None or (_is_int(self.hf_max_prompts) and self.hf_max_prompts >= 0),
@@ -79,6 +89,8 @@ class BenchOptions:
         _check(_is_num(self.rate) and self.rate > 0, "rate", self.rate, "a number > 0 (requests/s)")
         _check(bool(self.concurrency) and all(_is_int(c) and c >= 1 for c in self.concurrency),
                "concurrency", self.concurrency, "one or more integers >= 1")
+        _check(bool(self.llamacpp_np) and all(_is_int(n) and n >= 1 for n in self.llamacpp_np),
+               "llamacpp_np", self.llamacpp_np, "one or more integers >= 1")
         # Levels of the concurrency sweep above max_num_seqs are skipped (and said so); the
         # busy batch needs its background plus the probe running together.
         _check("busy" not in self.workloads or self.busy + 1 <= self.max_num_seqs, "busy", self.busy,
@@ -89,7 +101,7 @@ class BenchOptions:
         """Small sizes for smoke tests (seconds, not minutes)."""
         base = dict(uniform_n=8, uniform_m=16, real_n=8, real_max_new_tokens=32, batch_size=4, hf_max_prompts=2,
                     arrivals_n=8, rate=8.0, concurrency=(1, 4, 8), decode_steps=4, busy=4, probes=3,
-                    coldstart_repeats=1)
+                    coldstart_repeats=1, llamacpp_np=(1, 4), llama_bench_n=16, llama_bench_r=1)
         base.update(overrides)
         return cls(**base)
 
@@ -98,9 +110,10 @@ def _timed(fn, *args) -> RunResult:
     la, cpu = load_avg(), time.process_time()
     with RssSampler() as rss:
         res = fn(*args)
-    res.peak_rss_mb, res.start_rss_mb = rss.peak_mb, rss.start_mb
+    if res.start_rss_mb is None:   # else a system in its own process (llama-server) measured itself
+        res.peak_rss_mb, res.start_rss_mb = rss.peak_mb, rss.start_mb
+        res.cpu_s = time.process_time() - cpu
     res.load_avg = (la, load_avg())
-    res.cpu_s = time.process_time() - cpu
     return res
 
 
@@ -161,14 +174,16 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
 
     warm = Workload("warmup", prompts[:2], 4, True)
     need_cbgen = "cbgen" in opts.systems and (offline or any(x in opts.workloads for x in CBGEN_ONLY))
-    order = [s for s in SYSTEMS if s in opts.systems
+    order = [s for s in SYSTEMS if s in opts.systems and s not in LLAMACPP
              and (offline or s == "cbgen") and (s != "cbgen" or need_cbgen)]
+    ggufs, llama_fns = _llamacpp(opts, offline, result, status)
     # Every system gets its own model (cbgen, cbgen-torch and generate_batch switch the
     # attention implementation), loaded and warmed up once. Then the offline runs go in
     # rounds, per workload the systems back to back (uniform: static, cbgen; real:
     # static, cbgen; again): a slow spell of this shared machine hits both sides of a
     # ratio, and ratios are paired per round.
-    runs: dict[str, dict[str, list[RunResult]]] = {name: {s: [] for s in order} for name in offline}
+    runs: dict[str, dict[str, list[RunResult]]] = {name: {s: [] for s in [*order, *llama_fns]}
+                                                   for name in offline}
     fns, make_cbgen = {}, None
     for system in order:
         native = system in ("cbgen", "cbgen-direct")
@@ -181,14 +196,18 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
         status(f"{system}: warm-up")
         fns[system](warm)
         loaded = None
+    # llama-server needs no warm-up here: every run starts a fresh server, which warms itself up.
+    fns.update(llama_fns)
     for rnd in range(opts.repeats):
         tag = f" (round {rnd + 1}/{opts.repeats})" if opts.repeats > 1 else ""
         for name in offline:
-            for system in order:
+            for system in [*order, *llama_fns]:
                 _offline_run(system, fns[system], name, wls[name], runs, status, tag)
     if make_cbgen is not None:
         _cbgen_only(opts, make_cbgen, prompts, result, status)
     fns = make_cbgen = None
+    if "llama-bench" in opts.systems and ggufs:
+        result["llama_bench"] = _llama_bench(opts, ggufs, result["env"]["threads"], status)
     gc.unfreeze()
     gc.collect()
 
@@ -202,6 +221,8 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
                 summary["rounds_tok_s"] = [round(r.tok_s, 1) for r in rs]
             w[name]["systems"].append(summary)
         w[name]["ratios"] = report.ratios(w[name]["systems"])
+        if llama_fns:
+            w[name]["llama_server_best_np"] = report.best_np(w[name]["systems"])
         if "cbgen" in runs[name]:
             cb = runs[name]["cbgen"]
             w[name]["paired_ratios"] = {
@@ -231,6 +252,50 @@ def run_bench(opts: BenchOptions, status: Status = lambda _m: None, *, load=None
         report.write_json(result, path)
         result["json_path"] = str(path)
     return result
+
+
+def _llamacpp(opts: BenchOptions, offline: list[str], result: dict, status: Status) -> tuple[list, dict]:
+    """(GGUFs, llama-server systems) for the selected llama.cpp systems; what is skipped, and why,
+    goes to ``status`` and ``result["llamacpp"]["notes"]`` (a missing binary is a note, not an error)."""
+    from ..config import cache_root
+    from . import llamacpp as lc
+    want = [s for s in LLAMACPP if s in opts.systems]
+    if not want:
+        return [], {}
+    notes = []
+    if "llama-server" in want and not offline:
+        notes.append("llama-server: runs on the uniform and real workloads only; neither is selected")
+        want.remove("llama-server")
+    for tool in list(want):
+        if lc.find_tool(tool) is None:
+            notes.append(lc.missing_note(tool))
+            want.remove(tool)
+    ggufs = []
+    if want:
+        ggufs = lc.select_ggufs(opts.gguf, opts.model)
+        if opts.llamacpp_bf16:
+            status(f"llama.cpp: BF16 GGUF from {ggufs[0].name} (llama-quantize, cached)")
+            try:
+                ggufs.append(lc.bf16_gguf(ggufs[0], cache_root() / "bench"))
+            except lc.LlamaCppError as e:
+                notes.append(f"--llamacpp-bf16 skipped: {e}")
+    for n in notes:
+        status(n)
+    result["llamacpp"] = {"bin": str(lc.bin_dir()), "ggufs": [str(g) for g in ggufs], "notes": notes}
+    fns = lc.server_systems(ggufs, opts.llamacpp_np, result["env"]["threads"]) if "llama-server" in want else {}
+    return (ggufs if "llama-bench" in want else []), fns
+
+
+def _llama_bench(opts: BenchOptions, ggufs: list, threads: int, status: Status) -> dict:
+    from . import llamacpp as lc
+    rows = []
+    for g in ggufs:
+        status(f"llama-bench: {g.name}, batch-1 decode of {opts.llama_bench_n} tokens x {opts.llama_bench_r}")
+        r = lc.run_llama_bench(g, threads, opts.llama_bench_n, opts.llama_bench_r)
+        rows.append({**asdict(r), "tok_s": round(r.tok_s, 2)})
+        status(f"llama-bench: {g.name}: {r.ms_per_token:.2f} ms/token")
+    return {"spec": f"llama-bench -n {opts.llama_bench_n} -p 0 -t {threads} -r {opts.llama_bench_r} -o json",
+            "rows": rows}
 
 
 def _system(system: str, loaded, opts: BenchOptions, ecfg) -> tuple[Callable, Callable]:
