@@ -121,6 +121,7 @@ def main() -> int:
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--speed-prompts", type=int, default=64)
     ap.add_argument("--speed-tokens", type=int, default=64)
+    ap.add_argument("--speed-seqs", default="1,16,64", help="--max-num-seqs values for --speed")
     a = ap.parse_args()
     while os.path.exists("/tmp/bench/LOCK"):
         time.sleep(10)
@@ -209,7 +210,7 @@ def speed(prompts: list[dict], a) -> dict:
     """Whole-process tok/s of the greedy file at 1, 16, 64 sequences, flag on vs off (alternating)."""
     out = {}
     work = OUT / "deterministic"
-    for seqs in (1, 16, 64):
+    for seqs in [int(x) for x in a.speed_seqs.split(",")]:
         n = min(a.speed_prompts, seqs * 4) if seqs < 64 else a.speed_prompts
         rows = [{"id": f"g-{i}", "messages": p["messages"], "max_tokens": a.speed_tokens, "temperature": 0.0,
                  "ignore_eos": True} for i, p in enumerate([p for p in prompts if "messages" in p][:n])]
