@@ -124,6 +124,9 @@ def test_apply_routes():
     assert all(p.rows_max == ALL_ROWS for p in b.ps)
     quantize.apply(b, "none", None, packable=False)
     assert all(p.rows is None for p in b.ps)
+    h = _FakeModel(torch.float16)            # the kernel reads float32 / bf16 activations only
+    quantize.apply(h, "int8", k, packable=False)
+    assert all(p.q is not None and p.rows is None and p.rows_max == 0 for p in h.ps)
     with pytest.raises(ValueError, match="expected one of none, int8"):
         quantize.apply(b, "int4", k, packable=False)
     with pytest.raises(ValueError, match="native forward"):
@@ -159,10 +162,41 @@ def test_quantized_model_end_to_end(kernel, tiny_model_dir, dtype):
     assert agree >= 0.9, (got, ref)
 
 
+def test_kernel_refuses_other_dtypes(kernel):
+    b = kernel.bind(torch.ones(4, 8, dtype=torch.int8), torch.ones(4), None)
+    with pytest.raises(ValueError, match="float32 or bf16"):
+        b(torch.ones(2, 8, dtype=torch.float16), torch.float16)
+    with pytest.raises(ValueError, match="float32 or bf16"):
+        b(torch.ones(2, 8), torch.float16)
+    with pytest.raises(ValueError, match="weight must be"):
+        kernel.bind(torch.ones(4, 8, dtype=torch.float16), None, None)
+
+
+def test_float16_int8_runs_through_torch(tiny_model_dir):
+    """float16 + int8: quantized, every call through torch on the de-quantized copy (a review
+    found the kernel reading float16 activations as float32 and corrupting the heap)."""
+    from cbgen.models import load_model
+
+    q = load_model(ModelConfig(model=str(tiny_model_dir), dtype="float16", quantize="int8"))
+    eng = Engine.from_loaded(q, EngineConfig(max_num_seqs=4))
+    assert all(p.q is not None and p.rows is None for p in q.model.projections())
+    out = eng.generate([[5, 6, 7, 8, 9], [11, 12, 13]], SamplingParams(max_new_tokens=6, temperature=0.0,
+                                                                         ignore_eos=True))
+    assert [len(o.token_ids) for o in out] == [6, 6]
+
+
+def test_parameters_count_a_tied_head_once(tiny_model_dir):
+    from cbgen.models import load_model
+
+    plain = load_model(ModelConfig(model=str(tiny_model_dir), dtype="float32"))
+    q = load_model(ModelConfig(model=str(tiny_model_dir), dtype="float32", quantize="int8"))
+    assert sum(p.numel() for p in q.model.parameters()) == sum(p.numel() for p in plain.model.parameters())
+
+
 def test_quantize_needs_native_forward(tiny_model_dir):
     from cbgen.models import ModelError, load_model
 
-    with pytest.raises(ModelError, match="--quantize int8 needs cbgen's native forward"):
+    with pytest.raises(ModelError, match="--quantize int8 needs cbgen's native forward .*use --impl auto"):
         load_model(ModelConfig(model=str(tiny_model_dir), dtype="float32", impl="transformers", quantize="int8"))
     with pytest.raises(ValueError, match="quantize"):
         ModelConfig(quantize="int4")

@@ -207,6 +207,8 @@ class Gemma3Forward:
             raise ValueError(f"Gemma3Forward: hidden_activation {config.hidden_activation!r} is not supported "
                              "(only gelu_pytorch_tanh)")
         self.pack_pending = _can_pack(embed.dtype, embed.device)
+        # Tied: the head is the embedding's storage (fixed at load; quantizing gives it a tensor of its own).
+        self.tied = self.lm_head.w.data_ptr() == embed.data_ptr()
 
     def projections(self) -> list[_Proj]:
         return [self.lm_head] + [p for L in self.layers for p in (L.qkv, L.o, L.gate_up, L.down)]
@@ -228,7 +230,7 @@ class Gemma3Forward:
                 if p.b is not None:
                     yield p.b
         yield self.norm_weight
-        if self.lm_head.w.data_ptr() != self.embed.data_ptr():   # tied: the same storage
+        if not self.tied:
             yield self.lm_head.w
 
     @torch.inference_mode()

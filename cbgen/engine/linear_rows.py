@@ -23,6 +23,7 @@ from .native_build import load_library
 
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 W_BF16, W_INT8 = 0, 1
+_ACT = (torch.float32, torch.bfloat16)   # activation and output dtypes the kernel reads and writes
 
 
 class LinearRows:
@@ -66,8 +67,9 @@ class BoundLinear:
         ``out_dtype`` (float32 or bf16): float32 accumulation, then ``* scale + bias``, rounded
         once. Raises MemoryError if the kernel cannot allocate."""
         M = x.shape[0]
-        if x.shape[1] != self.K or x.stride(1) != 1:
-            raise ValueError(f"linear_rows: x must be [M, {self.K}] with contiguous rows, got {tuple(x.shape)}")
+        if x.shape[1] != self.K or x.stride(1) != 1 or x.dtype not in _ACT or out_dtype not in _ACT:
+            raise ValueError(f"linear_rows: x must be float32 or bf16 [M, {self.K}] with contiguous rows and the "
+                             f"output float32 or bf16; got {x.dtype} {tuple(x.shape)} -> {out_dtype}")
         y = torch.empty(M, self.N, dtype=out_dtype)
         w, wtype, scale, bias = self._const
         if self._fn(x.data_ptr(), x.dtype == torch.bfloat16, x.stride(0), M, self.K, w, wtype, scale, bias,

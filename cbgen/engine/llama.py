@@ -300,6 +300,7 @@ class LlamaForward:
         self.spec = spec
         self.embed, self.rotary, self.layers, self.norm, self.eps = embed, rotary, layers, norm, eps
         self.lm_head, self.scale, self.pack_pending = lm_head, scale, pack
+        self.tied = lm_head.w is embed   # fixed at load: quantizing gives the head a tensor of its own
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.intermediate = intermediate_size
         # Per layer: None (full) or the sliding window (Mistral's sliding_window, Qwen2's layer_types).
@@ -323,7 +324,7 @@ class LlamaForward:
                 if p.b is not None:
                     yield p.b
         yield self.norm
-        if self.lm_head.w is not self.embed:
+        if not self.tied:
             yield self.lm_head.w
 
     def projections(self) -> list[_Proj]:

@@ -26,6 +26,7 @@ import torch
 # float32 GEMM on the de-quantized copy is as fast (benchmarks/NOTES.md, change 15).
 INT8_FP32_ROWS_MAX = 32
 QUANTIZE_CHOICES = ("none", "int8")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)   # model dtypes whose activations the kernel reads
 
 
 def quantize_int8(w: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +73,9 @@ def apply(model, quantize: str, kernel, packable: bool) -> None:
             p.q, p.scale = quantize_int8(p.w)
             p.w = dequantize(p.q, p.scale, p.w.dtype)
         bf16 = p.w.dtype == torch.bfloat16
+        if p.w.dtype not in KERNEL_DTYPES:   # e.g. float16: the kernel reads float32 or bf16 activations only
+            p.use_rows(None, 0)
+            continue
         if p.q is not None:
             rows_max = ALL_ROWS if bf16 else INT8_FP32_ROWS_MAX
         else:

@@ -68,6 +68,7 @@ class ModelRunner:
         self.device = next(iter(model.parameters())).device
         self.dtype = getattr(torch, spec.dtype)
         self.kernel, why = choose_kernel(spec, self.device, cfg)
+        self.kernel_why = why
         if self.kernel is None and cfg.attention == "native":
             raise UnsupportedModelError(f"attention='native' is unavailable: {why}; use 'auto' or 'torch'")
         # Native residual add + RMSNorm and greedy argmax: bf16 only (float32 keeps exact torch ops).
@@ -112,8 +113,7 @@ class ModelRunner:
                 f"deterministic needs cbgen's native forward (llama, mistral, qwen2, gemma3_text); "
                 f"{self.spec.architecture} runs through {type(self.model).__name__}, whose GEMMs are not batch-invariant")
         if self.kernel is None:
-            raise UnsupportedModelError("deterministic needs the native attention kernel, which is unavailable: "
-                                        "check --attention and that a C compiler is installed")
+            raise UnsupportedModelError(f"deterministic needs the native attention kernel: {self.kernel_why}")
         self.row_tile, self.per_token_attention = row_tile_for(self.dtype), True
 
     def _init_own_kv(self, model, cfg: EngineConfig, num_blocks: int) -> None:
@@ -126,6 +126,7 @@ class ModelRunner:
         self.model, self.spec = model, model.spec
         self.block_size, self.device, self.dtype = cfg.block_size, model.device, model.dtype
         self.kernel = self.fused = None
+        self.kernel_why = "the transformers fallback keeps its own KV cache"
         self.null_block, self.kv = num_blocks, []
         self.num_forward_tokens = 0
         self.mask_worker = None

@@ -248,8 +248,11 @@ def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel
             apply(model, cfg.quantize, kernel=None, packable=False)
     else:
         if cfg.quantize != "none":
-            raise ModelError(f"{path}: --quantize {cfg.quantize} needs cbgen's native forward, and this model "
-                             f"runs through transformers ({how.impl}); use --quantize none")
+            how_runs = "transformers' modules" if how.impl == "transformers" else "the transformers fallback"
+            fix = ("use --impl auto" if cfg.impl == "transformers" and model_type in NATIVE
+                   else "use --quantize none")
+            raise ModelError(f"{res.name}: --quantize {cfg.quantize} needs cbgen's native forward (llama, mistral, "
+                             f"qwen2, gemma3_text), and this model runs through {how_runs}; {fix}")
         model, tokenizer = _load_dir(path, dtype, device)
         eos = eos_token_ids(tokenizer, model)
         gen = model.generation_config
