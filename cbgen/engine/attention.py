@@ -128,6 +128,7 @@ class PagedBatch:
     # Deterministic mode (batch_invariant.py): GEMM row tile; None = plain F.linear. With it the
     # runner also makes every token a "decode" row of the kernel (no prefill chunks).
     row_tile: int | None = None
+    native_decode: object | None = None          # decode_forward.NativeDecode: decode-only steps in one call
 
     def decode_mask_for(self, window: int | None) -> torch.Tensor:
         """The torch decode path's additive mask [num_decodes, 1, 1, W * bs] for ``window``:

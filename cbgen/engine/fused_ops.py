@@ -1,12 +1,13 @@
 """Native bf16 ops (csrc/fused_ops.c): residual add + RMSNorm for llama layers (one
 pass instead of 9 torch ops, twice per layer), RoPE on q and k (one pass instead of
-~10 ops) and the greedy argmax over bf16 logits (no float32 copy of [rows, vocab]).
+~10 ops), the MLP's SiLU(gate) * up, and the greedy argmax over bf16 logits (no float32
+copy of [rows, vocab]).
 
 Contract: ``load()`` returns a ``FusedOps`` or None (switched off, no compiler:
 the forward keeps its torch ops). Only bfloat16 on CPU: float32 models keep the
 torch ops, whose bit-for-bit parity with transformers is the fidelity check.
-The norm matches the torch ops it replaces up to an occasional bf16 ulp; RoPE and the
-argmax match exactly (tests/test_fused_ops.py).
+The norm and SiLU * up match the torch ops they replace up to an occasional bf16 ulp; RoPE
+and the argmax match exactly (tests/test_fused_ops.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class FusedOps:
         self._rope = lib.rope_qk_bf16
         self._rope.argtypes = [_P, ctypes.c_int64, _P, _P, _P, _P, _I, _I, _I, _I, _I]
         self._rope.restype = None
+        self._silu_mul = lib.silu_mul_bf16
+        self._silu_mul.argtypes = [_P, _I, _I, _P, _I]
+        self._silu_mul.restype = None
         self._argmax = lib.argmax_rows_bf16
         self._argmax.argtypes = [_P, _I, _I, _P, _I]
         self._argmax.restype = None
@@ -57,6 +61,15 @@ class FusedOps:
         self._rope(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(),
                    T, num_heads, num_kv_heads, D, torch.get_num_threads())
         return q, k
+
+    def silu_mul(self, gu: torch.Tensor, intermediate: int) -> torch.Tensor:
+        """The llama MLP's ``F.silu(gu[:, :I]) * gu[:, I:]`` for gu [T, 2I] contiguous bf16 -> [T, I] bf16,
+        rounded as those torch ops (silu's exp may differ in its last float32 bit: Cephes expf here)."""
+        T = gu.shape[0]
+        assert gu.dtype == torch.bfloat16 and gu.is_contiguous() and gu.shape[1] == 2 * intermediate
+        out = gu.new_empty(T, intermediate)
+        self._silu_mul(gu.data_ptr(), T, intermediate, out.data_ptr(), torch.get_num_threads())
+        return out
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits.float().argmax(-1)`` for [rows, V] contiguous bf16, without the float32 copy."""

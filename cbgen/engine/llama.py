@@ -351,6 +351,9 @@ class LlamaForward:
         cos, sin = cos[0].contiguous(), sin[0].contiguous()                  # [T, D]
         cos3, sin3 = cos.unsqueeze(1), sin.unsqueeze(1)                      # [T, 1, D], per head
         eps, fused, tile = self.eps, batch.fused, batch.row_tile
+        native = batch.native_decode
+        if native is not None and native.takes(batch, T):
+            return native(h, cos, sin, batch, keep)   # the same ops as below, in one native call
         last = len(self.layers) - 1
 
         def add_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor):
@@ -372,7 +375,8 @@ class LlamaForward:
             o = attend(batch, i, q, k, v, self.scale, window=self.windows[i])
             h, x = add_norm(h, L.o(o.view(T, qd), tile), L.post_norm)
             gu = L.gate_up(x, tile)
-            mlp = L.down(F.silu(gu[:, :I]) * gu[:, I:], tile)
+            act = fused.silu_mul(gu, I) if fused is not None else F.silu(gu[:, :I]) * gu[:, I:]
+            mlp = L.down(act, tile)
             if i < last:
                 h, x = add_norm(h, mlp, self.layers[i + 1].in_norm)
         if keep.numel() == 0:

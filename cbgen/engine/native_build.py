@@ -3,7 +3,8 @@
 Contract: ``load_library(name, cache_dir, what)`` returns the ``ctypes.CDLL`` of
 ``csrc/<name>.c`` or None (switched off, no C compiler, or a failed build:
 then one line on stderr naming ``what`` and the caller keeps its torch path).
-The shared object is keyed by the source, the headers of ``csrc/``, the
+A library may link other sources of ``csrc/`` too (``DEPS``: decode_forward
+calls the others' functions). The shared object is keyed by its sources, the headers of ``csrc/``, the
 compiler command and the CPU flags (it is built with ``-march=native``), so a rebuild only happens when one
 of them changes. It is written to a temp name and renamed, so concurrent
 first runs never load a half-written file. It links libgomp by its soname;
@@ -30,6 +31,9 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fP
 # A build takes seconds on an idle machine; one took 140 s beside a full test run on 2 cores.
 BUILD_TIMEOUT_S = 600
 
+# Other sources linked into a library, by name: the same functions, one definition each.
+DEPS = {"decode_forward": ("linear_rows", "fused_ops", "paged_decode")}
+
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
@@ -39,12 +43,12 @@ def disabled() -> bool:
     return os.environ.get("CBGEN_NATIVE_KERNEL", "1") == "0"
 
 
-def _build(cc: str, source: Path, dest: Path) -> None:
+def _build(cc: str, sources: list[Path], dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([cc, *CFLAGS, "-o", tmp, str(source)], check=True, capture_output=True,
+        subprocess.run([cc, *CFLAGS, "-o", tmp, *map(str, sources)], check=True, capture_output=True,
                        timeout=BUILD_TIMEOUT_S)
         os.replace(tmp, dest)
     finally:
@@ -72,12 +76,12 @@ def load_library(name: str, cache_dir: Path, what: str) -> ctypes.CDLL | None:
     """``csrc/<name>.c`` built into ``cache_dir`` on first use; None if it cannot be here."""
     if disabled():
         return None
-    source = CSRC / f"{name}.c"
+    sources = [CSRC / f"{n}.c" for n in (name, *DEPS.get(name, ()))]
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None or not source.exists():
+    if cc is None or not all(s.exists() for s in sources):
         return None
-    headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
-    key = hashlib.sha256(source.read_bytes() + headers + " ".join([cc, *CFLAGS, *sorted(cpu_flags())]).encode())
+    code = b"".join(s.read_bytes() for s in sources) + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
+    key = hashlib.sha256(code + " ".join([cc, *CFLAGS, *sorted(cpu_flags())]).encode())
     dest = cache_dir / f"{name}-{key.hexdigest()[:16]}.so"
     with _lock:
         if str(dest) in _loaded:
@@ -85,7 +89,7 @@ def load_library(name: str, cache_dir: Path, what: str) -> ctypes.CDLL | None:
         lib = None
         try:
             if not dest.exists():
-                _build(cc, source, dest)
+                _build(cc, sources, dest)
             lib = ctypes.CDLL(str(dest))
         except (OSError, subprocess.SubprocessError) as e:
             print(f"cbgen: {what} unavailable ({_why(e)}); using the torch path. "

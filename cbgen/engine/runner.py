@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import EngineConfig, cache_root
-from . import fused_ops, linear_rows, paged_kernel, quantize
+from . import decode_forward, fused_ops, linear_rows, paged_kernel, quantize
 from .llama import _can_pack
 from .architectures import UnsupportedModelError
 from .batch_invariant import row_tile_for
@@ -92,6 +92,11 @@ class ModelRunner:
         for k, v in self.kv:
             k[self.null_block].zero_()
             v[self.null_block * bs:].zero_()
+        # Decode-only steps in one native call (decode_forward.py), where the model allows it.
+        self.native_decode = None
+        if self.fused is not None and self.kernel is not None:
+            lib = decode_forward.load(cache_root() / "kernels")
+            self.native_decode = None if lib is None else lib.bind(model, self.kv, bs)
         self.num_forward_tokens = 0   # every token ever forwarded (the no-recompute check counts these)
         self.mask_worker = None       # structured.BitmaskWorker, made for the first constrained step
         # Deterministic mode's two fixes (batch_invariant.py), set together by set_deterministic:
@@ -125,7 +130,7 @@ class ModelRunner:
                                         "its own KV cache (no paged kernel); use 'auto' or 'torch'")
         self.model, self.spec = model, model.spec
         self.block_size, self.device, self.dtype = cfg.block_size, model.device, model.dtype
-        self.kernel = self.fused = None
+        self.kernel = self.fused = self.native_decode = None
         self.kernel_why = "the transformers fallback keeps its own KV cache"
         self.null_block, self.kv = num_blocks, []
         self.num_forward_tokens = 0
@@ -194,7 +199,7 @@ class ModelRunner:
         write_offsets = torch.tensor(offsets, device=dev)
         batch = PagedBatch(self.kv, bs, write_blocks, write_offsets, write_blocks * bs + write_offsets,
                            len(dec_lens), tables, lens, mask, pad, prefills, self.kernel, self.fused,
-                           tuple(sequences), row_tile=self.row_tile)
+                           tuple(sequences), row_tile=self.row_tile, native_decode=self.native_decode)
         return (torch.tensor(ids, device=dev).unsqueeze(0), torch.tensor(pos, device=dev).unsqueeze(0),
                 torch.tensor(keep + prompt_rows, dtype=torch.long, device=dev), batch, spans)
 

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "vexp.h"
 
 /* For each of the T rows: if d, h += d (rounded to bf16, written back to h);
  * then out = w * bf16(h * rsqrt(mean(h^2) + eps)). */
@@ -95,6 +96,39 @@ void rope_qk_bf16(const uint16_t *qkv, int64_t row_stride, const uint16_t *cos, 
                 const float b = bf16_to_f32(f32_to_bf16(rot * bf16_to_f32(s[d])));
                 o[d] = f32_to_bf16(a + b);
             }
+        }
+    }
+}
+
+/* 16 elements of out = bf16(bf16(silu(g)) * u), silu(g) = g * sigmoid(g) with
+ * sigmoid(g) = 1 / (1 + e) for g >= 0 and e / (1 + e) below, e = exp(-|g|) (never overflows). */
+static inline void silu_mul16(const uint16_t *g, const uint16_t *u, uint16_t *out) {
+    v16f x, y;
+    for (int j = 0; j < 16; j++) { x[j] = bf16_to_f32(g[j]); y[j] = bf16_to_f32(u[j]); }
+    const v16i neg = x < 0.0f;
+    const v16f e = exp16_nonpos((v16f)((v16i)x | ((v16i){0} + INT32_MIN)));   /* -|x|: the sign bit set */
+    const v16f sig = (v16f)((neg & (v16i)(e / (1.0f + e))) | (~neg & (v16i)(1.0f / (1.0f + e))));
+    const v16f s = x * sig;
+    for (int j = 0; j < 16; j++) out[j] = f32_to_bf16(bf16_to_f32(f32_to_bf16(s[j])) * y[j]);
+}
+
+/* The llama MLP's activation: gu [T, 2I] bf16 rows (gate in the first I columns, up in the
+ * next I; row stride 2I), out [T, I] = bf16(bf16(silu(gate)) * up), rounded as torch's
+ * F.silu(gate) * up in bf16. Every element goes through the same 16-lane code (a tail is
+ * padded), so a value does not depend on its position, the row count or the thread count. */
+void silu_mul_bf16(const uint16_t *gu, int T, int I, uint16_t *out, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if ((int64_t)T * I >= 65536)
+    for (int t = 0; t < T; t++) {
+        const uint16_t *g = gu + (size_t)t * 2 * I, *u = g + I;
+        uint16_t *o = out + (size_t)t * I;
+        int i = 0;
+        for (; i + 16 <= I; i += 16) silu_mul16(g + i, u + i, o + i);
+        if (i < I) {
+            uint16_t gt[16] = {0}, ut[16] = {0}, ot[16];
+            memcpy(gt, g + i, (size_t)(I - i) * 2);
+            memcpy(ut, u + i, (size_t)(I - i) * 2);
+            silu_mul16(gt, ut, ot);
+            memcpy(o + i, ot, (size_t)(I - i) * 2);
         }
     }
 }

@@ -42,8 +42,8 @@
 
 #include "bf16.h"
 #include "paged_decode.h"
+#include "vexp.h"
 
-typedef float v16f __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 
@@ -83,31 +83,12 @@ static inline void prefetch_block(const char *k, const char *v, int32_t blk, int
     }
 }
 
-typedef int32_t v16i __attribute__((vector_size(64)));
 
 static inline v16f vmax(v16f a, v16f b) {
     const v16i m = a > b;
     return (v16f)((m & (v16i)a) | (~m & (v16i)b));
 }
 
-/* exp(x) for x <= 0, 16 lanes (Cephes expf: n = round(x / ln 2), degree-5
- * polynomial on the remainder, ~1 ulp; below -87 it returns ~1e-38, not 0).
- * Hand-vectorised: libm's scalar expf was a third of the kernel's time. */
-static inline v16f exp16_nonpos(v16f x) {
-    const v16f lo = (v16f){0} - 87.0f, magic = (v16f){0} + 12582912.0f; /* 1.5 * 2^23 */
-    x = vmax(x, lo);
-    const v16f n = (x * 1.44269504088896341f + magic) - magic;          /* round to nearest */
-    const v16f r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    v16f p = (v16f){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
-    return p * (v16f)e;
-}
 
 /* One (sequence i, kv head h) work item over positions [first, L) of its context: blocks
  * b0 = first / bs .. nb - 1 (whole blocks before the window are never read). s is scratch

@@ -1,0 +1,113 @@
+/* A whole decode step of a llama-family model in one call, for bf16 activations: per layer
+ * residual add + RMSNorm, q/k/v projection, RoPE, the K/V write into the paged pool,
+ * paged decode attention, o projection, add + norm, gate/up, SiLU * up, down; then the
+ * final norm and the LM head at the kept rows.
+ *
+ * Why: at 1-4 sequences a step is ~240 small native calls from Python (~15-25 us each
+ * through ctypes and torch allocation) around ~12 ms of weight streaming. Here each op is
+ * the same C function the Python forward calls (linear_rows.c, fused_ops.c,
+ * paged_decode.c), in the same order on the same values, so the result is bit-identical
+ * to llama.py's forward on the same step (tests/test_decode_forward.py); only the calls
+ * from Python and the torch temporaries are gone.
+ *
+ * Layouts: as llama.py and attention.py. h [T, hidden] is the embedded input; it is the
+ * residual stream and is overwritten. cos/sin [T, D]. kv[2 l] is layer l's
+ * K pool [num_blocks, KVH, D, block_size], kv[2 l + 1] its V pool [num_blocks *
+ * block_size, KVH, D]. write_blocks/offsets [T]: where each row's K/V go. tables [T,
+ * table_stride] int32, lens [T] int32: each row's decode context (paged_decode.c). keep
+ * [nkeep] rows whose logits are written to logits [nkeep, vocab].
+ * Returns 0, -1 for a shape the attention kernel refuses, -2 when memory runs out.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "decode_forward.h"
+#include "paged_decode.h"
+
+/* linear_rows.c and fused_ops.c, linked into the same library (native_build.py DEPS). */
+int linear_rows(const void *x, int x_bf16, int64_t ldx, int M, int K, const void *w, int wtype,
+                const float *scale, const float *bias, void *y, int y_bf16, int N, int nthreads);
+void add_rmsnorm_bf16(uint16_t *h, const uint16_t *d, const uint16_t *w, uint16_t *out, int T, int n,
+                      float eps, int nthreads);
+void rope_qk_bf16(const uint16_t *qkv, int64_t row_stride, const uint16_t *cos, const uint16_t *sin,
+                  uint16_t *q, uint16_t *k, int T, int H, int KVH, int D, int nthreads);
+void silu_mul_bf16(const uint16_t *gu, int T, int I, uint16_t *out, int nthreads);
+
+static int proj(const dec_proj *p, const uint16_t *x, int64_t ldx, int M, uint16_t *y, int nthreads) {
+    /* linear_rows fails only when it cannot allocate. */
+    return linear_rows(x, 1, ldx, M, (int)p->K, p->w, (int)p->wtype, p->scale, p->bias, y, 1, (int)p->N, nthreads)
+           ? -2 : 0;
+}
+
+int decode_forward(const dec_layer *layers, uint16_t *const *kv, const dec_dims *d, uint16_t *h,
+                   const uint16_t *cos, const uint16_t *sin, const int64_t *write_blocks,
+                   const int64_t *write_offsets, const int32_t *tables, const int32_t *lens,
+                   const int64_t *keep, const uint16_t *final_norm, const dec_proj *head, uint16_t *logits) {
+    const int T = (int)d->T, n = (int)d->hidden, H = (int)d->H, KVH = (int)d->KVH, D = (int)d->D;
+    const int I = (int)d->I, bs = (int)d->block_size, nt = (int)d->nthreads;
+    const int64_t qkv_n = (int64_t)(H + 2 * KVH) * D;
+    /* One scratch allocation: x, qkv, q, k, attn, delta (o or down output), gu, act. */
+    const size_t sizes[8] = {(size_t)T * n, (size_t)T * qkv_n, (size_t)T * H * D, (size_t)T * KVH * D,
+                             (size_t)T * H * D, (size_t)T * n, (size_t)T * 2 * I, (size_t)T * I};
+    size_t total = 0;
+    for (int i = 0; i < 8; i++) total += sizes[i];
+    uint16_t *buf = malloc(total * sizeof(uint16_t)), *p = buf, *s[8];
+    if (!buf) return -2;
+    for (int i = 0; i < 8; i++) { s[i] = p; p += sizes[i]; }
+    uint16_t *x = s[0], *qkv = s[1], *q = s[2], *k = s[3], *attn = s[4], *delta = s[5], *gu = s[6], *act = s[7];
+    int rc = 0;
+
+    add_rmsnorm_bf16(h, NULL, layers[0].in_norm, x, T, n, d->eps, nt);
+    for (int l = 0; l < d->L && !rc; l++) {
+        const dec_layer *L = layers + l;
+        uint16_t *kc = kv[2 * l], *vc = kv[2 * l + 1];
+        if ((rc = proj(&L->qkv, x, n, T, qkv, nt))) break;
+        rope_qk_bf16(qkv, qkv_n, cos, sin, q, k, T, H, KVH, D, nt);
+        /* Write first: a query attends to its own token (attention.py attend). */
+        for (int t = 0; t < T; t++) {
+            const int64_t blk = write_blocks[t], off = write_offsets[t];
+            for (int g = 0; g < KVH; g++) {
+                uint16_t *kd = kc + ((blk * KVH + g) * D) * bs + off;
+                const uint16_t *ks = k + ((size_t)t * KVH + g) * D;
+                for (int e = 0; e < D; e++) kd[(int64_t)e * bs] = ks[e];
+            }
+            memcpy(vc + (blk * bs + off) * KVH * D, qkv + (size_t)t * qkv_n + (size_t)(H + KVH) * D,
+                   sizeof(uint16_t) * KVH * D);
+        }
+        if ((rc = paged_decode_bf16(q, kc, vc, attn, tables, (int)d->table_stride, lens, (int)L->window, T,
+                                    H, KVH, D, bs, d->scale, nt)))
+            break;
+        if ((rc = proj(&L->o, attn, H * D, T, delta, nt))) break;
+        add_rmsnorm_bf16(h, delta, L->post_norm, x, T, n, d->eps, nt);
+        if ((rc = proj(&L->gate_up, x, n, T, gu, nt))) break;
+        silu_mul_bf16(gu, T, I, act, nt);
+        if ((rc = proj(&L->down, act, I, T, delta, nt))) break;
+        if (l + 1 < d->L) add_rmsnorm_bf16(h, delta, layers[l + 1].in_norm, x, T, n, d->eps, nt);
+    }
+    if (!rc && d->nkeep) {
+        /* The last layer's residual add and the final norm, at the kept rows only (llama.py). */
+        const int nk = (int)d->nkeep;
+        uint16_t *hk = malloc(sizeof(uint16_t) * (size_t)nk * n * 3);
+        if (!hk) rc = -2;
+        else {
+            uint16_t *dk = hk + (size_t)nk * n, *xk = dk + (size_t)nk * n;
+            for (int j = 0; j < nk; j++) {
+                memcpy(hk + (size_t)j * n, h + keep[j] * n, sizeof(uint16_t) * n);
+                memcpy(dk + (size_t)j * n, delta + keep[j] * n, sizeof(uint16_t) * n);
+            }
+            add_rmsnorm_bf16(hk, dk, final_norm, xk, nk, n, d->eps, nt);
+            rc = proj(head, xk, n, nk, logits, nt);
+            free(hk);
+        }
+    }
+    free(buf);
+    return rc;
+}
+
+/* sizeof each struct of decode_forward.h, for the ctypes mirror's check. */
+void decode_forward_sizes(int64_t *out) {
+    out[0] = sizeof(dec_proj);
+    out[1] = sizeof(dec_layer);
+    out[2] = sizeof(dec_dims);
+}

@@ -1,0 +1,121 @@
+"""A whole decode step of a llama-family model in one native call (csrc/decode_forward.c).
+
+At 1-4 sequences the Python forward (llama.py) makes ~240 small native calls a step
+(norms, projections, RoPE, attention) plus ~100 torch ops (the K/V write, SiLU * up,
+views), each paying 5-25 us of ctypes and dispatch around ~12 ms of weight streaming.
+``decode_forward`` runs the same C functions in the same order on the same values, so its
+logits and K/V are bit-identical to the Python forward's (tests/test_decode_forward.py);
+the step's Python and torch overhead is what goes.
+
+Contract: ``load(cache_dir)`` returns a ``DecodeForwardLib`` or None (switched off, no C
+compiler). ``lib.bind(model, kv)`` returns a ``NativeDecode`` for a llama.LlamaForward in
+bf16 whose every projection takes the few-row GEMM at every row count, over the runner's
+KV pool ``kv``, or None with ``why_not`` set. The forward uses it for steps whose rows are
+all decode rows of the attention kernel (``NativeDecode.takes``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from .native_build import load_library
+
+_P, _L, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+# csrc/decode_forward.h, field for field.
+class DecProj(ctypes.Structure):
+    _fields_ = [("w", _P), ("scale", _P), ("bias", _P), ("wtype", _L), ("N", _L), ("K", _L)]
+
+
+class DecLayer(ctypes.Structure):
+    _fields_ = [("in_norm", _P), ("post_norm", _P), ("qkv", DecProj), ("o", DecProj), ("gate_up", DecProj),
+                ("down", DecProj), ("window", _L)]
+
+
+class DecDims(ctypes.Structure):
+    _fields_ = [(n, _L) for n in ("T", "hidden", "H", "KVH", "D", "I", "L", "block_size", "table_stride", "nkeep",
+                                  "vocab", "nthreads")] + [("scale", _F), ("eps", _F)]
+
+
+def _proj(p) -> DecProj:
+    """A llama._Proj's bound few-row GEMM (linear_rows.BoundLinear) as the C struct."""
+    w, scale, bias = p.rows._keep
+    return DecProj(w.data_ptr(), None if scale is None else scale.data_ptr(),
+                   None if bias is None else bias.data_ptr(), 1 if w.dtype == torch.int8 else 0, *w.shape)
+
+
+class DecodeForwardLib:
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._fn = lib.decode_forward
+        self._fn.argtypes = [_P] * 14
+        self._fn.restype = ctypes.c_int
+        self.why_not = ""
+
+    def bind(self, model, kv: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> "NativeDecode | None":
+        """``model``'s weights and the pool ``kv`` (per layer K [blocks, KVH, D, block_size], V [blocks *
+        block_size, KVH, D], bf16) bound for one-call decode steps; None (``why_not`` says why) when the
+        model is not a bf16 llama-family forward whose projections all take the few-row GEMM."""
+        from .llama import ALL_ROWS, LlamaForward
+        self.why_not = ""
+        if not isinstance(model, LlamaForward):
+            self.why_not = f"{type(model).__name__} is not a llama-family native forward"
+        elif model.dtype != torch.bfloat16 or model.device.type != "cpu":
+            self.why_not = f"it runs bf16 on CPU only (the model is {model.dtype} on {model.device})"
+        elif any(p.rows is None or p.rows_max < ALL_ROWS for p in model.projections()):
+            self.why_not = "some projections do not take the native few-row GEMM at every row count"
+        return None if self.why_not else NativeDecode(self._fn, model, kv, block_size)
+
+
+class NativeDecode:
+    """One model and KV pool, bound: ``__call__`` runs a decode-only step in one native call."""
+
+    def __init__(self, fn, model, kv, block_size: int) -> None:
+        self._fn, self.model = fn, model
+        # The bound GEMMs and pool tensors are kept referenced: the structs hold their addresses.
+        self._keep = [p.rows for p in model.projections()] + [t for pair in kv for t in pair]
+        self._layers = (DecLayer * len(model.layers))(*[
+            DecLayer(L.in_norm.data_ptr(), L.post_norm.data_ptr(), _proj(L.qkv), _proj(L.o), _proj(L.gate_up),
+                     _proj(L.down), w or 0) for L, w in zip(model.layers, model.windows)])
+        self._kv = (_P * (2 * len(kv)))(*[t.data_ptr() for pair in kv for t in pair])
+        self._head = _proj(model.lm_head)
+        self._norm = model.norm.data_ptr()
+        self.block_size = block_size
+        m = model
+        self._dims = (m.embed.shape[1], m.num_heads, m.num_kv_heads, m.head_dim, m.intermediate, len(m.layers),
+                      block_size)
+        self._vocab = model.lm_head.w.shape[0]
+
+    def takes(self, batch, T: int) -> bool:
+        """Whether this step can run here: every row a decode row of the attention kernel, no prefill chunk."""
+        return batch.kernel is not None and batch.num_decodes == T and not batch.prefills and T > 0
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch, keep: torch.Tensor):
+        """h [T, hidden] bf16 (the embedded ids; overwritten), cos/sin [T, D] bf16 contiguous, keep
+        [nkeep] int64 rows. Returns logits [nkeep, vocab] bf16, or None when keep is empty. Writes this
+        step's K/V into the pool. Raises MemoryError / RuntimeError if the native step fails."""
+        T = h.shape[0]
+        keep = keep.contiguous()
+        nkeep = keep.numel()
+        tables, lens = batch.decode_tables, batch.decode_lens
+        logits = torch.empty(nkeep, self._vocab, dtype=torch.bfloat16) if nkeep else None
+        dims = DecDims(T, *self._dims, tables.shape[1], nkeep, self._vocab, torch.get_num_threads(),
+                       self.model.scale, self.model.eps)
+        wb, wo = batch.write_blocks.contiguous(), batch.write_offsets.contiguous()
+        rc = self._fn(ctypes.addressof(self._layers), ctypes.addressof(self._kv), ctypes.addressof(dims),
+                      h.data_ptr(), cos.data_ptr(), sin.data_ptr(), wb.data_ptr(), wo.data_ptr(),
+                      tables.data_ptr(), lens.data_ptr(), keep.data_ptr(), self._norm,
+                      ctypes.addressof(self._head), None if logits is None else logits.data_ptr())
+        if rc == -2:
+            raise MemoryError("native decode step: out of memory")
+        if rc:
+            raise RuntimeError(f"native decode step failed (code {rc})")
+        return logits
+
+
+def load(cache_dir: Path) -> DecodeForwardLib | None:
+    lib = load_library("decode_forward", cache_dir, "native decode step")
+    return None if lib is None else DecodeForwardLib(lib)
