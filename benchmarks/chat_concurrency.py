@@ -11,12 +11,14 @@ fresh process of the embedded model with the same --dtype/--quantize; each round
 turn, --rounds rounds:
 
 - ``run``: ``cbgen run IN.jsonl -o OUT.jsonl -q``;
-- ``chat``: ``cbgen chat --json-log LOG`` in its interactive REPL, on a pseudo-terminal
-  (100x30, TERM=xterm-256color) whose output a thread drains, answering cursor position
-  requests as a terminal does, so the prompt and live toolbar are drawn as a user sees them; once the banner is up, the script types
+- ``chat``: ``cbgen chat --json-log LOG`` in its interactive REPL on a pseudo-terminal
+  (100x30, TERM=xterm-256color). A thread drains its output and answers cursor position
+  requests as a terminal does (prompt-toolkit draws the live toolbar only then), so the
+  screen is drawn as a user sees it. Once the banner is up the script types
   ``/set ignore_eos on``, then the 3 prompts (each line + Enter, --gap s apart), waits for
   3 records in LOG, types ``/stats`` (its "mean ... tok/s while busy" is reported as
-  ``stats_tok_s``) and ``/quit``;
+  ``stats_tok_s``) and ``/quit``. Also reported: the REPL thread's CPU seconds while the
+  prompts ran (``ui_cpu_s``, from /proc) and the bytes drawn on the terminal;
 - ``piped``: ``cbgen chat --json-log LOG < FILE`` (the same lines, stdin a file).
 
 What counts: aggregate tok/s = completion tokens of the 3 records / generation span, with the
@@ -66,7 +68,7 @@ def user_texts(path: Path, n: int) -> list[str]:
 
 def figures(records: list[dict], offsets: list[float], wall: float) -> dict:
     """Aggregate tok/s of one process from its records (in submission order) and typing offsets (s)."""
-    records = sorted(records, key=lambda r: int(r["id"]) if r["id"].isdigit() else r["line"])
+    records = sorted(records, key=lambda r: int(r["id"]))   # ids 1..3 in every mode
     if len(records) != len(offsets) or any(r["finish_reason"] != "length" for r in records):
         raise RuntimeError(f"expected {len(offsets)} 'length' records, got "
                            f"{[(r['id'], r['finish_reason'], r.get('error')) for r in records]}")
@@ -80,13 +82,19 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
+def call(cmd: list[str], stdin=subprocess.DEVNULL) -> None:
+    """Run a cbgen process to its end (stdout discarded); its stderr only when it fails."""
+    p = subprocess.run(cmd, cwd=ROOT, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd[2:4])} exited {p.returncode}:\n{p.stderr[-2000:]}")
+
+
 def mode_run(texts: list[str], a, tmp: Path) -> dict:
     inp, out = tmp / "run.jsonl", tmp / "run.out.jsonl"
     inp.write_text("".join(json.dumps({"id": str(i + 1), "messages": [{"role": "user", "content": t}],
                                        "ignore_eos": True}) + "\n" for i, t in enumerate(texts)))
     t0 = time.monotonic()
-    subprocess.run([*CBGEN, "run", str(inp), "-o", str(out), "-q", "--max-new-tokens", str(a.max_new_tokens),
-                    *GREEDY, *a.model], check=True, cwd=ROOT, stdin=subprocess.DEVNULL)
+    call([*CBGEN, "run", str(inp), "-o", str(out), "-q", *a.common])
     return figures(read_jsonl(out), [0.0] * len(texts), time.monotonic() - t0)
 
 
@@ -95,8 +103,7 @@ def mode_piped(texts: list[str], a, tmp: Path) -> dict:
     inp.write_text("/set ignore_eos on\n" + "".join(t + "\n" for t in texts))
     t0 = time.monotonic()
     with open(inp, "rb") as f:
-        subprocess.run([*CBGEN, "chat", "--json-log", str(log), "--max-new-tokens", str(a.max_new_tokens),
-                        *GREEDY, *a.model], check=True, cwd=ROOT, stdin=f, stdout=subprocess.DEVNULL)
+        call([*CBGEN, "chat", "--json-log", str(log), *a.common], stdin=f)
     return figures(read_jsonl(log), [0.0] * len(texts), time.monotonic() - t0)
 
 
@@ -153,8 +160,7 @@ class Terminal:
 def mode_chat(texts: list[str], a, tmp: Path) -> dict:
     log = tmp / "chat.log.jsonl"
     t0 = time.monotonic()
-    term = Terminal([*CBGEN, "chat", "--json-log", str(log), "--max-new-tokens", str(a.max_new_tokens),
-                     *GREEDY, *a.model])
+    term = Terminal([*CBGEN, "chat", "--json-log", str(log), *a.common])
     try:
         term.wait_for("/help for commands", timeout=300)
         mark = len(term.out)
@@ -165,7 +171,7 @@ def mode_chat(texts: list[str], a, tmp: Path) -> dict:
             typed.append(term.type(t))
             time.sleep(a.gap)
         end = time.monotonic() + 600
-        while not (log.exists() and len(read_jsonl(log)) >= len(texts)):
+        while not (log.exists() and log.read_bytes().count(b"\n") >= len(texts)):   # whole records
             if term.proc.poll() is not None or time.monotonic() > end:
                 raise RuntimeError(f"chat did not answer {len(texts)} prompts:\n{term.text()[-2000:]}")
             time.sleep(0.05)
@@ -204,7 +210,8 @@ def main() -> int:
     ap.add_argument("--json", help="write the figures to this file")
     ap.add_argument("--screen", help="write the last chat's screen (escape codes removed) to this file")
     a = ap.parse_args()
-    a.model = ["--dtype", a.dtype, "--quantize", a.quantize]
+    # The same sampling and model options for every mode.
+    a.common = ["--max-new-tokens", str(a.max_new_tokens), *GREEDY, "--dtype", a.dtype, "--quantize", a.quantize]
     while os.path.exists("/tmp/bench/LOCK"):
         time.sleep(10)
     texts = user_texts(a.prompts, 3)
@@ -213,11 +220,8 @@ def main() -> int:
         for r in range(a.rounds):
             got = {}
             for name in a.modes.split(","):
-                fn = MODES[name]
-                d = Path(tmp) / f"{r}-{name}"
-                d.mkdir()
-                got[name] = fn(texts, a, d)
-                f = got[name]
+                (d := Path(tmp) / f"{r}-{name}").mkdir()
+                f = got[name] = MODES[name](texts, a, d)
                 extra = f" · /stats {f['stats_tok_s']} tok/s · typed over {f['typed_spread_s']}s · " \
                     f"REPL thread CPU {f['ui_cpu_s']}s · {f['screen_bytes']} bytes drawn" \
                     if name == "chat" else ""
@@ -228,14 +232,13 @@ def main() -> int:
     same = sum(x == y for x, y in zip(rounds[-1]["run"]["texts"], rounds[-1]["chat"]["texts"]))
     report = {"max_new_tokens": a.max_new_tokens, "dtype": a.dtype, "quantize": a.quantize, "prompts": texts,
               "median_tok_s": med, "chat_over_run": round(med["chat"] / med["run"], 3),
-              "piped_over_run": round(med["piped"] / med["run"], 3) if "piped" in med else None, "same_texts_chat_run": same,
-              "limit": a.limit, "rounds": [{m: {k: v for k, v in f.items() if k != "texts"} for m, f in g.items()}
-                                           for g in rounds]}
+              "piped_over_run": round(med["piped"] / med["run"], 3) if "piped" in med else None,
+              "same_texts_chat_run": same, "limit": a.limit,
+              "rounds": [{m: {k: v for k, v in f.items() if k != "texts"} for m, f in g.items()} for g in rounds]}
     ok = med["run"] / med["chat"] <= a.limit
     piped = f"piped {med['piped']:.1f} ({report['piped_over_run']:.3f}x) · " if "piped" in med else ""
     print(f"median tok/s: run {med['run']:.1f} · chat {med['chat']:.1f} ({report['chat_over_run']:.3f}x) · "
-          f"{piped}same texts chat/run {same}/3 · "
-          f"{'PASS' if ok else 'FAIL'} (limit: run/chat <= {a.limit})")
+          f"{piped}same texts chat/run {same}/3 · {'PASS' if ok else 'FAIL'} (limit: run/chat <= {a.limit})")
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0 if ok else 1
