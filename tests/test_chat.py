@@ -247,7 +247,7 @@ def test_unknown_commands_and_escaped_slash(chat):
 
 
 # ---- the real prompt-toolkit app ------------------------------------------------------
-def drive(chat: ChatSession, script, timeout: float = 120.0) -> tuple[int, list[str]]:
+def drive(chat: ChatSession, script, timeout: float = 120.0, refresh: float | None = 0.05) -> tuple[int, list[str]]:
     """Run ChatApp on a pipe input; ``script(inp, wait, app, printed)`` types keys while it
     runs. Returns (exit code, what was printed above the prompt). A hang fails the test."""
     printed: list[str] = []
@@ -255,7 +255,7 @@ def drive(chat: ChatSession, script, timeout: float = 120.0) -> tuple[int, list[
     async def main() -> int:
         with create_pipe_input() as inp, create_app_session(input=inp, output=DummyOutput()):
             app = ChatApp(chat, printer=lambda frags: printed.append("".join(t for _, t in frags)),
-                          refresh_interval=0.05)
+                          refresh_interval=refresh)
             task = asyncio.create_task(app.run())
 
             async def wait(cond, limit: float = 60.0) -> None:
@@ -285,6 +285,29 @@ def test_app_three_prompts_share_the_batch_and_print_answers(chat, engine):
     answers = [p for p in printed if p.startswith("── #")]
     assert sorted(a[:5] for a in answers) == ["── #1", "── #2", "── #3"]
     assert all(chat.seqs[n].text.rstrip() in "".join(answers) for n in (1, 2, 3))
+
+
+def test_app_redraws_when_sequences_come_and_go_not_per_token(chat):
+    # A redraw per batch of events took CPU from the engine (benchmarks/chat_concurrency.py);
+    # with the timer refresh off, a whole answer must cost a redraw or two, not one per poll.
+    chat.defaults = FIXED.replace(max_new_tokens=1500)
+    busy: list[bool] = []
+    poll = chat.poll
+    chat.poll = lambda timeout=0.0: busy.append(poll(timeout)) or busy[-1]
+
+    async def script(inp, wait, app, printed):
+        inp.send_text("long one\r")
+        await wait(lambda: chat.seqs.get(1) is not None and chat.seqs[1].num_tokens > 0)
+        renders, polled = app.prompt.app.render_counter, len(busy)
+        await wait(lambda: not chat.running())
+        await asyncio.sleep(0.2)   # the pump's next rounds
+        with_events = sum(busy[polled:])
+        assert with_events >= 10, f"decoding took only {with_events} polls: the test shows nothing"
+        assert app.prompt.app.render_counter - renders <= 2, (app.prompt.app.render_counter - renders, with_events)
+        inp.send_text("/quit\r")
+
+    code, _ = drive(chat, script, refresh=None)
+    assert code == 0
 
 
 def test_app_ctrl_d_with_running_sequences_asks_first(chat):
