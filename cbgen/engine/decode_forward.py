@@ -10,7 +10,7 @@ the step's Python and torch overhead is what goes.
 Contract: ``load(cache_dir)`` returns a ``DecodeForwardLib`` or None (switched off, no C
 compiler). ``lib.bind(model, kv)`` returns a ``NativeDecode`` for a llama.LlamaForward in
 bf16 whose every projection takes the few-row GEMM at every row count, over the runner's
-KV pool ``kv``, or None with ``why_not`` set. The forward uses it for steps whose rows are
+KV pool ``kv``, or None and the reason. The forward uses it for steps whose rows are
 all decode rows of the attention kernel (``NativeDecode.takes``).
 """
 
@@ -53,21 +53,20 @@ class DecodeForwardLib:
         self._fn = lib.decode_forward
         self._fn.argtypes = [_P] * 14
         self._fn.restype = ctypes.c_int
-        self.why_not = ""
 
-    def bind(self, model, kv: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> "NativeDecode | None":
+    def bind(self, model, kv: list[tuple[torch.Tensor, torch.Tensor]],
+             block_size: int) -> "tuple[NativeDecode | None, str]":
         """``model``'s weights and the pool ``kv`` (per layer K [blocks, KVH, D, block_size], V [blocks *
-        block_size, KVH, D], bf16) bound for one-call decode steps; None (``why_not`` says why) when the
+        block_size, KVH, D], bf16) bound for one-call decode steps, and ""; (None, why not) when the
         model is not a bf16 llama-family forward whose projections all take the few-row GEMM."""
         from .llama import ALL_ROWS, LlamaForward
-        self.why_not = ""
         if not isinstance(model, LlamaForward):
-            self.why_not = f"{type(model).__name__} is not a llama-family native forward"
-        elif model.dtype != torch.bfloat16 or model.device.type != "cpu":
-            self.why_not = f"it runs bf16 on CPU only (the model is {model.dtype} on {model.device})"
-        elif any(p.rows is None or p.rows_max < ALL_ROWS for p in model.projections()):
-            self.why_not = "some projections do not take the native few-row GEMM at every row count"
-        return None if self.why_not else NativeDecode(self._fn, model, kv, block_size)
+            return None, f"{type(model).__name__} is not a llama-family native forward"
+        if model.dtype != torch.bfloat16 or model.device.type != "cpu":
+            return None, f"it runs bf16 on CPU only (the model is {model.dtype} on {model.device})"
+        if any(p.rows is None or p.rows_max < ALL_ROWS for p in model.projections()):
+            return None, "some projections do not take the native few-row GEMM at every row count"
+        return NativeDecode(self._fn, model, kv, block_size), ""
 
 
 class NativeDecode:
@@ -83,7 +82,6 @@ class NativeDecode:
         self._kv = (_P * (2 * len(kv)))(*[t.data_ptr() for pair in kv for t in pair])
         self._head = _proj(model.lm_head)
         self._norm = model.norm.data_ptr()
-        self.block_size = block_size
         m = model
         self._dims = (m.embed.shape[1], m.num_heads, m.num_kv_heads, m.head_dim, m.intermediate, len(m.layers),
                       block_size)

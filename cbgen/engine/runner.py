@@ -96,7 +96,7 @@ class ModelRunner:
         self.native_decode = None
         if self.fused is not None and self.kernel is not None:
             lib = decode_forward.load(cache_root() / "kernels")
-            self.native_decode = None if lib is None else lib.bind(model, self.kv, bs)
+            self.native_decode = None if lib is None else lib.bind(model, self.kv, bs)[0]
         self.num_forward_tokens = 0   # every token ever forwarded (the no-recompute check counts these)
         self.mask_worker = None       # structured.BitmaskWorker, made for the first constrained step
         # Deterministic mode's two fixes (batch_invariant.py), set together by set_deterministic:
