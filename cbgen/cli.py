@@ -43,17 +43,18 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _load(model: str | None, dtype: str, threads: int | None, chat_template: str | None = None,
-          impl: str = "auto", quantize: str = "none"):
+          impl: str = "auto", quantize: str = "none", quiet: bool = False):
     """Load the model, turning every expected failure into a one-line error. ``chat_template``
-    (Jinja source) replaces the tokenizer's for the whole process."""
+    (Jinja source) replaces the tokenizer's for the whole process; ``quiet`` drops the load's
+    status lines (errors still print)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never a network hang
     from .compute import compute_thread
     from .models import ModelError, load_model
     try:
         cfg = ModelConfig(model=model, dtype=dtype, threads=threads, impl=impl, quantize=quantize)
         # On the compute thread, where the engine will step: one OpenMP team (cbgen/compute.py).
-        loaded = compute_thread().call(load_model, cfg, status=lambda msg: err.print(msg, style="dim",
-                                                                                      highlight=False))
+        status = (lambda msg: None) if quiet else (lambda msg: err.print(msg, style="dim", highlight=False))
+        loaded = compute_thread().call(load_model, cfg, status=status)
     except (ModelError, ValueError) as e:
         fail(str(e))
     if chat_template is not None:
@@ -225,7 +226,7 @@ def run(
         fail(str(e))
     structured = _structured(json_mode, json_schema, regex, choice, grammar)
     cfg = _engine_config(max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention, deterministic)
-    loaded = _load(model, dtype, threads, _chat_template(chat_template), impl, quantize)
+    loaded = _load(model, dtype, threads, _chat_template(chat_template), impl, quantize, quiet=quiet)
     if validate:
         from .frontends.validate import validate_inputs
         raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err, tables.spec))

@@ -117,6 +117,18 @@ def test_bad_input_becomes_error_records_and_others_complete(tmp_path, base_args
     assert r.stderr.count("warning:") == 5
 
 
+def test_quiet_prints_nothing_and_summary_counts_agree_in_number(tmp_path, base_args):
+    src = _write(tmp_path, "one.jsonl", [json.dumps({"id": "a", "prompt": "hello", "max_new_tokens": 3}),
+                                         json.dumps({"id": "b", "prompt": 42})])
+    # --quiet: no load status (not even the int8 "quantizing" line), no summary, only the one warning.
+    r = _run([src, *base_args, "--quantize", "int8"])
+    assert r.exit_code == 1 and len(_records(r.stdout)) == 2
+    assert r.stderr.count("\n") == 1 and "warning:" in r.stderr, r.stderr
+    r = _run([src, *base_args[:-1], "--no-progress"])   # not quiet: the summary line
+    summary = [ln for ln in r.stderr.splitlines() if ln.startswith("cbgen:")]
+    assert summary and " 2 requests," in summary[0] and " 1 error" in summary[0] and "1 errors" not in summary[0]
+
+
 def test_order_input_vs_finish(tmp_path, base_args):
     # The first input generates far more tokens than the others, so it finishes last.
     lines = [json.dumps({"id": "slow", "prompt": "a", "max_new_tokens": 120, "ignore_eos": True})]

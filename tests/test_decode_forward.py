@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from cbgen.config import EngineConfig, ModelConfig, cache_root
-from cbgen.engine import decode_forward, fused_ops
+from cbgen.engine import decode_forward, fused_ops, quantize
 from cbgen.engine.engine import Engine
+from cbgen.engine.llama import _can_pack
 from cbgen.engine.request import SamplingParams
 
 from test_deterministic import _llama, _prompts
@@ -42,13 +43,17 @@ def test_struct_layouts_match_the_header(lib):
                            ctypes.sizeof(decode_forward.DecDims)]
 
 
-def _outputs(loaded, native: bool, monkeypatch, **cfg):
-    """Greedy and seeded-sampling outputs (tokens, top-3 logprobs) of 8 prompts, and how many steps
-    went through the native decode step."""
-    eng = Engine.from_loaded(loaded, EngineConfig(max_num_seqs=16, **cfg))
-    if eng.runner.native_decode is None:
-        pytest.skip("this model does not take the native decode step on this CPU "
-                    "(bf16 projections go to oneDNN's packed GEMM here)")
+# Where oneDNN packs bf16 (AVX-512 bf16), bf16 projections take the kernel, and so decode steps
+# the native call, only up to PACKED_BF16_ROWS_MAX rows; elsewhere at every row count.
+PACKABLE = _can_pack(torch.bfloat16, torch.device("cpu"))
+SEQS = quantize.PACKED_BF16_ROWS_MAX if PACKABLE else 16
+
+
+def _outputs(loaded, native: bool, monkeypatch, max_num_seqs: int = SEQS, **cfg):
+    """Greedy and seeded-sampling outputs (tokens, top-3 logprobs) of 8 prompts, and the row
+    count of every step that went through the native decode step."""
+    eng = Engine.from_loaded(loaded, EngineConfig(max_num_seqs=max_num_seqs, **cfg))
+    assert eng.runner.native_decode is not None
     if not native:
         eng.runner.native_decode = None
     calls = []
@@ -68,8 +73,19 @@ def test_bit_identical_to_the_python_forward_bf16(lib, sharp, monkeypatch, kind)
     loaded = dataclasses.replace(sharp, model=_llama(sharp.tokenizer, torch.bfloat16, kind=kind))
     ref, none = _outputs(loaded, False, monkeypatch)
     got, calls = _outputs(loaded, True, monkeypatch)
-    assert not none and len(calls) >= 10 and max(calls) == 16   # every decode step after the prefills
+    assert not none and len(calls) >= 10 and max(calls) == SEQS   # every decode step after the prefills
     assert got == ref
+
+
+def test_steps_above_rows_max_stay_in_python(lib, sharp, monkeypatch):
+    """Where oneDNN packs bf16, a decode step of more rows than the kernel takes runs the Python
+    forward (oneDNN's GEMMs); the records are those of the Python forward all through."""
+    if not PACKABLE:
+        pytest.skip("oneDNN does not pack bf16 on this CPU: the kernel takes every row count")
+    loaded = dataclasses.replace(sharp, model=_llama(sharp.tokenizer, torch.bfloat16))
+    ref, _ = _outputs(loaded, False, monkeypatch, max_num_seqs=16)
+    got, calls = _outputs(loaded, True, monkeypatch, max_num_seqs=16)
+    assert not calls and got == ref   # the 16 sequences decode side by side to the end: no step is small
 
 
 def test_bit_identical_to_the_python_forward_int8(lib, tiny_model_dir, monkeypatch):
@@ -85,9 +101,12 @@ def test_deterministic_steps_take_it_too(lib, sharp, monkeypatch):
     """--deterministic makes every token a decode row, prefill included: whole steps go native,
     and the records equal those of the Python forward in deterministic mode."""
     loaded = dataclasses.replace(sharp, model=_llama(sharp.tokenizer, torch.bfloat16))
-    ref, _ = _outputs(loaded, False, monkeypatch, deterministic=True)
-    got, calls = _outputs(loaded, True, monkeypatch, deterministic=True)
-    assert max(calls) > 16 and got == ref   # a prompt's tokens in one native step
+    ref, _ = _outputs(loaded, False, monkeypatch, max_num_seqs=16, deterministic=True)
+    got, calls = _outputs(loaded, True, monkeypatch, max_num_seqs=16, deterministic=True)
+    if PACKABLE:   # the Python forward tiles oneDNN's GEMMs then; the kernel alone would differ
+        assert not calls and got == ref
+    else:
+        assert max(calls) > 16 and got == ref   # a prompt's tokens in one native step
 
 
 def test_bind_refuses_what_it_does_not_cover(lib, sharp):

@@ -55,14 +55,15 @@ def test_kernel_matches_reference(kernel, wdtype, xdtype, M, N, K):
 
 
 @pytest.mark.parametrize("wdtype", ["bf16", "int8"])
-def test_kernel_is_batch_invariant(kernel, wdtype):
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])   # bf16: the vdpbf16ps path where the CPU has it
+def test_kernel_is_batch_invariant(kernel, wdtype, xdtype):
     """A row's output bits do not depend on how many rows come with it, its position among them
     (which tile shape it falls in) or the thread count."""
     g = torch.Generator().manual_seed(1)
-    N, K = 70, 96
+    N, K = 70, 100                                # K: not a multiple of 8 or 32, a tail
     w = torch.randn(N, K, generator=g)
     wq, scale = quantize.quantize_int8(w) if wdtype == "int8" else (w.bfloat16(), None)
-    rows = torch.randn(11, K, generator=g)
+    rows = torch.randn(11, K, generator=g).to(xdtype)
     alone = torch.cat([kernel(rows[i:i + 1], wq, scale, None, torch.float32) for i in range(11)])
     threads = torch.get_num_threads()
     try:
@@ -118,8 +119,8 @@ def test_apply_routes():
     assert all(p.w.dtype == torch.float32 and torch.equal(p.w, quantize.dequantize(p.q, p.scale, torch.float32))
                for p in m.ps)
     b = _FakeModel(torch.bfloat16)
-    quantize.apply(b, "none", k, packable=True)
-    assert all(p.rows_max == 0 for p in b.ps)                           # oneDNN packs bf16 there
+    quantize.apply(b, "none", k, packable=True)          # oneDNN packs bf16: the kernel at few rows only
+    assert all(p.rows_max == quantize.PACKED_BF16_ROWS_MAX for p in b.ps)
     quantize.apply(b, "none", k, packable=False)
     assert all(p.rows_max == ALL_ROWS for p in b.ps)
     quantize.apply(b, "none", None, packable=False)

@@ -226,14 +226,16 @@ def test_ctrl_c_twice_and_closed_stdout(tmp_path, ray_address, base_args):
     assert first["id"] == "quick"
     time.sleep(0.5)
     p.send_signal(signal.SIGINT)
-    time.sleep(1.0)
+    time.sleep(0.5)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     err = err.decode()
     recs = _records(out.decode())
     assert "stopping" in err and "aborting" in err and "Traceback" not in err, err
-    # Started ones end with partial text; the rest get no record, for --resume.
-    assert recs and all(r["finish_reason"] == "abort" and r["usage"]["completion_tokens"] > 0 for r in recs)
+    # Started ones end with partial text (or, on a fast CPU, reached the tiny model's 2,048-token
+    # context between the two Ctrl-Cs); the rest get no record, for --resume.
+    assert any(r["finish_reason"] == "abort" for r in recs)
+    assert all(r["finish_reason"] in ("abort", "length") and r["usage"]["completion_tokens"] > 0 for r in recs)
     assert f"{6 - len(recs)} inputs never started" in err
 
     src = _write(tmp_path, "h.jsonl", [json.dumps({"prompt": "x", "max_new_tokens": 30}) for _ in range(30)])

@@ -9,9 +9,10 @@ the step's Python and torch overhead is what goes.
 
 Contract: ``load(cache_dir)`` returns a ``DecodeForwardLib`` or None (switched off, no C
 compiler). ``lib.bind(model, kv)`` returns a ``NativeDecode`` for a llama.LlamaForward in
-bf16 whose every projection takes the few-row GEMM at every row count, over the runner's
-KV pool ``kv``, or None and the reason. The forward uses it for steps whose rows are
-all decode rows of the attention kernel (``NativeDecode.takes``).
+bf16 whose every projection takes the few-row GEMM (at every row count, or, where oneDNN packs
+bf16, up to quantize.PACKED_BF16_ROWS_MAX rows), over the runner's KV pool ``kv``, or None and
+the reason. The forward uses it for steps whose rows are all decode rows of the attention
+kernel and no more than every projection's kernel takes (``NativeDecode.takes``).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ class DecodeForwardLib:
             return None, f"{type(model).__name__} is not a llama-family native forward"
         if model.dtype != torch.bfloat16 or model.device.type != "cpu":
             return None, f"it runs bf16 on CPU only (the model is {model.dtype} on {model.device})"
-        if any(p.rows is None or p.rows_max < ALL_ROWS for p in model.projections()):
-            return None, "some projections do not take the native few-row GEMM at every row count"
+        if any(p.rows is None or p.rows_max < 1 for p in model.projections()):
+            return None, "some projections do not take the native few-row GEMM"
         return NativeDecode(self._fn, model, kv, block_size), ""
 
 
@@ -86,10 +87,18 @@ class NativeDecode:
         self._dims = (m.embed.shape[1], m.num_heads, m.num_kv_heads, m.head_dim, m.intermediate, len(m.layers),
                       block_size)
         self._vocab = model.lm_head.w.shape[0]
+        # Steps of at most rows_max rows: where every projection's Python route is the same kernel
+        # (llama._Proj), so a step's bits do not depend on which of the two paths ran it.
+        from .llama import ALL_ROWS
+        self.rows_max = min(p.rows_max for p in model.projections())
+        self._all_rows = self.rows_max >= ALL_ROWS
 
     def takes(self, batch, T: int) -> bool:
-        """Whether this step can run here: every row a decode row of the attention kernel, no prefill chunk."""
-        return batch.kernel is not None and batch.num_decodes == T and not batch.prefills and T > 0
+        """Whether this step can run here: every row a decode row of the attention kernel, no
+        prefill chunk, at most ``rows_max`` rows; in deterministic mode (``batch.row_tile``) only
+        if the kernel takes every row count, as the Python forward's routes then do."""
+        return (batch.kernel is not None and batch.num_decodes == T and not batch.prefills and 0 < T <= self.rows_max
+                and (batch.row_tile is None or self._all_rows))
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch, keep: torch.Tensor):
         """h [T, hidden] bf16 (the embedded ids; overwritten), cos/sin [T, D] bf16 contiguous, keep

@@ -1,11 +1,12 @@
 """The native few-row GEMM (csrc/linear_rows.c): ``y = x W^T (* scale) + b`` with bf16
 weights, or int8 weights and a float32 scale per output channel (weight-only int8).
 
-Where it is used (llama.py ``_Proj``, set up by ``quantize.use_native_rows``): bf16
-projections on CPUs where oneDNN cannot pre-pack bf16 (no AVX-512 bf16, e.g. AMD Zen 3),
-where torch's bf16 GEMM reads ~11 GB/s at one row and falls further behind with more;
-and every int8 projection at decode batch sizes. Measured per call in
-benchmarks/NOTES.md (change 15).
+Where it is used (llama.py ``_Proj``, set up by ``quantize.apply``): bf16 projections on
+CPUs where oneDNN cannot pre-pack bf16 (no AVX-512 bf16, e.g. AMD Zen 3), where torch's
+bf16 GEMM reads ~11 GB/s at one row and falls further behind with more; bf16 projections
+at up to ``quantize.PACKED_BF16_ROWS_MAX`` rows where it can (the kernel's vdpbf16ps path,
+e.g. AMD Zen 4); and every int8 projection at decode batch sizes. Measured per call in
+benchmarks/NOTES.md (changes 15 and 17).
 
 Contract: ``load(cache_dir)`` returns a ``LinearRows`` or None (switched off, or no C
 compiler: the caller keeps torch). Each output element is one fixed fused-multiply-add

@@ -25,6 +25,12 @@ import torch
 # int8 projections on a float32 model use the kernel up to this many rows; above it torch's
 # float32 GEMM on the de-quantized copy is as fast (benchmarks/NOTES.md, change 15).
 INT8_FP32_ROWS_MAX = 32
+# bf16 projections on CPUs where oneDNN packs bf16 (AVX-512 bf16) take the kernel up to this many
+# rows, so that decode steps that small run in one native call (decode_forward.py). There the
+# kernel's vdpbf16ps path matches oneDNN's packed GEMM per call up to ~8 rows and the one-call step
+# also drops the Python forward's per-op cost; from ~12 rows on oneDNN's step is the faster
+# (benchmarks/NOTES.md, change 17). Calls with more rows keep oneDNN.
+PACKED_BF16_ROWS_MAX = 8
 QUANTIZE_CHOICES = ("none", "int8")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)   # model dtypes whose activations the kernel reads
 
@@ -57,8 +63,8 @@ def apply(model, quantize: str, kernel, packable: bool) -> None:
     kernel: a linear_rows.LinearRows or None. packable: oneDNN can pre-pack bf16 here.
     Routes: int8 on bf16, and bf16 where oneDNN cannot pack, take the kernel at every row
     count (torch's bf16 GEMM there is slower at every size we measured); int8 on float32 up
-    to INT8_FP32_ROWS_MAX rows; float32 weights never (their parity with transformers is the
-    fidelity check), nor packable bf16 (oneDNN's packed GEMM is the faster one there).
+    to INT8_FP32_ROWS_MAX rows; packable bf16 up to PACKED_BF16_ROWS_MAX rows (oneDNN's packed
+    GEMM above); float32 weights never (their parity with transformers is the fidelity check).
     """
     from .llama import ALL_ROWS
     if quantize not in QUANTIZE_CHOICES:
@@ -79,5 +85,5 @@ def apply(model, quantize: str, kernel, packable: bool) -> None:
         if p.q is not None:
             rows_max = ALL_ROWS if bf16 else INT8_FP32_ROWS_MAX
         else:
-            rows_max = ALL_ROWS if bf16 and not packable else 0
+            rows_max = (PACKED_BF16_ROWS_MAX if packable else ALL_ROWS) if bf16 else 0
         p.use_rows(kernel, rows_max)

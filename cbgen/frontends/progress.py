@@ -104,6 +104,6 @@ class ProgressView:
         wall = time.monotonic() - self.start
         gen = self.engine.num_generated_tokens
         preempted = self.engine.stats().num_preemptions
-        return (f"cbgen: {self.done} requests, {gen} tokens generated in {wall:.1f}s "
-                f"({gen / wall if wall > 0 else 0:.1f} tok/s), {self.errors} errors"
+        return (f"cbgen: {self.done} request{'' if self.done == 1 else 's'}, {gen} tokens generated in {wall:.1f}s "
+                f"({gen / wall if wall > 0 else 0:.1f} tok/s), {self.errors} error{'' if self.errors == 1 else 's'}"
                 + (f", {preempted} preemptions (KV cache full; --kv-cache-gb)" if preempted else ""))
