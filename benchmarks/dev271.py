@@ -2,7 +2,7 @@
 static batching (B=32, same dtype) and llama-server at several ``-np`` on the same weights.
 
     python benchmarks/dev271.py [--dtype bfloat16] [--quantize none,int8] [--np 16,64]
-        [--systems cbgen,static,llama-server] [--limit N] [--max-tokens 256] [--json OUT]
+        [--systems cbgen,static,llama-server] [--gguf Q4_1,BF16] [--limit N] [--max-tokens 256] [--json OUT]
 
 Every system gets the same chat prompts (../shared/bench/prompts-dev.jsonl, the model's chat
 template), greedy, at most --max-tokens new tokens, natural EOS, --threads threads, each in a fresh
@@ -131,6 +131,10 @@ def llama_runs(a, notes: list[str]) -> list[dict]:
         return []
     src = llamacpp.select_ggufs((), None)[0]                  # the embedded GGUF (Q4_1)
     ggufs = {src.stem.rsplit(".", 1)[-1]: src, "BF16": llamacpp.bf16_gguf(src, OUT / "gguf")}
+    if a.gguf:
+        if bad := set(a.gguf) - set(ggufs):
+            sys.exit(f"--gguf: unknown {sorted(bad)}; known: {', '.join(ggufs)}")
+        ggufs = {k: g for k, g in ggufs.items() if k in a.gguf}
     ids = prompt_ids(a)
     wl = real(ids, len(ids), a.max_tokens)
     rows = []
@@ -169,6 +173,8 @@ def main() -> None:
     ap.add_argument("--quantize", default="none", help="none | int8 | none,int8 (one cbgen run each)")
     ap.add_argument("--np", type=ints, default=(16, 64), help="llama-server -np values")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--gguf", type=lambda s: tuple(s.split(",")), default=(),
+                    help="llama-server GGUFs: Q4_1 (the embedded file), BF16 (default: both)")
     ap.add_argument("--limit", type=int, default=None, help="the first N prompts only")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--max-num-seqs", type=int, default=None, help="passed to cbgen run")
