@@ -28,7 +28,7 @@ prompt i was typed after prompt 1 (the script's clock; 0 for run and piped, whos
 arrive together); this is exact when arrivals follow the typing, which holds to the few ms
 the REPL takes per line. ``wall_s`` is the whole process, model load included, for
 reference. Reported: per-mode medians, chat/run and piped/run ratios; exit 1 if run's tok/s
-over chat's exceeds --limit. Waits for /tmp/bench/LOCK to go away first.
+over chat's exceeds --limit.
 """
 
 from __future__ import annotations
@@ -212,8 +212,6 @@ def main() -> int:
     a = ap.parse_args()
     # The same sampling and model options for every mode.
     a.common = ["--max-new-tokens", str(a.max_new_tokens), *GREEDY, "--dtype", a.dtype, "--quantize", a.quantize]
-    while os.path.exists("/tmp/bench/LOCK"):
-        time.sleep(10)
     texts = user_texts(a.prompts, 3)
     rounds: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="cbgen-chatbench-") as tmp:

@@ -123,6 +123,12 @@ def test_apply_routes():
     assert all(p.rows_max == quantize.PACKED_BF16_ROWS_MAX for p in b.ps)
     quantize.apply(b, "none", k, packable=False)
     assert all(p.rows_max == ALL_ROWS for p in b.ps)
+    i8 = _FakeModel(torch.bfloat16)
+    quantize.apply(i8, "int8", k, packable=True)          # above the threshold: oneDNN on the de-quantized copy
+    assert all(p.q is not None and p.rows_max == quantize.PACKED_BF16_ROWS_MAX for p in i8.ps)
+    i8 = _FakeModel(torch.bfloat16)
+    quantize.apply(i8, "int8", k, packable=False)
+    assert all(p.rows_max == ALL_ROWS for p in i8.ps)
     quantize.apply(b, "none", None, packable=False)
     assert all(p.rows is None for p in b.ps)
     h = _FakeModel(torch.float16)            # the kernel reads float32 / bf16 activations only

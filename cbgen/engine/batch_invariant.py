@@ -13,7 +13,7 @@ Sources of variance in the default path, each measured on this project's CPUs
    ``row_tile`` rows, the last one zero-padded: the library sees one shape
    whatever the batch, so it makes one choice of kernel and of thread split.
    A projection that goes through cbgen's own few-row GEMM at every row count
-   (csrc/linear_rows.c: bf16 where oneDNN cannot pack, int8 on bf16) needs no
+   (csrc/linear_rows.c: bf16 and int8 on bf16 where oneDNN cannot pack bf16) needs no
    tiles: each output element there is one fixed FMA chain, whatever M.
    What this still assumes, and the tests check per dtype, thread count and
    projection shape: inside a tile a row's result does not depend on its

@@ -61,10 +61,11 @@ def apply(model, quantize: str, kernel, packable: bool) -> None:
 
     model: a native forward with ``projections()`` (llama.LlamaForward, gemma3.Gemma3Forward).
     kernel: a linear_rows.LinearRows or None. packable: oneDNN can pre-pack bf16 here.
-    Routes: int8 on bf16, and bf16 where oneDNN cannot pack, take the kernel at every row
-    count (torch's bf16 GEMM there is slower at every size we measured); int8 on float32 up
-    to INT8_FP32_ROWS_MAX rows; packable bf16 up to PACKED_BF16_ROWS_MAX rows (oneDNN's packed
-    GEMM above); float32 weights never (their parity with transformers is the fidelity check).
+    Routes: bf16 and int8-on-bf16 where oneDNN cannot pack bf16 take the kernel at every row
+    count (torch's bf16 GEMM there is slower at every size we measured); where it can, up to
+    PACKED_BF16_ROWS_MAX rows (oneDNN's packed GEMM above, on the de-quantized copy for int8);
+    int8 on float32 up to INT8_FP32_ROWS_MAX rows; float32 weights never (their parity with
+    transformers is the fidelity check).
     """
     from .llama import ALL_ROWS
     if quantize not in QUANTIZE_CHOICES:
@@ -82,8 +83,8 @@ def apply(model, quantize: str, kernel, packable: bool) -> None:
         if p.w.dtype not in KERNEL_DTYPES:   # e.g. float16: the kernel reads float32 or bf16 activations only
             p.use_rows(None, 0)
             continue
-        if p.q is not None:
-            rows_max = ALL_ROWS if bf16 else INT8_FP32_ROWS_MAX
+        if bf16:   # int8 too: above the threshold oneDNN on the de-quantized copy beats the kernel
+            rows_max = PACKED_BF16_ROWS_MAX if packable else ALL_ROWS
         else:
-            rows_max = (PACKED_BF16_ROWS_MAX if packable else ALL_ROWS) if bf16 else 0
+            rows_max = INT8_FP32_ROWS_MAX if p.q is not None else 0
         p.use_rows(kernel, rows_max)
