@@ -60,7 +60,7 @@ class DecodeForwardLib:
         """``model``'s weights and the pool ``kv`` (per layer K [blocks, KVH, D, block_size], V [blocks *
         block_size, KVH, D], bf16) bound for one-call decode steps, and ""; (None, why not) when the
         model is not a bf16 llama-family forward whose projections all take the few-row GEMM."""
-        from .llama import ALL_ROWS, LlamaForward
+        from .llama import LlamaForward
         if not isinstance(model, LlamaForward):
             return None, f"{type(model).__name__} is not a llama-family native forward"
         if model.dtype != torch.bfloat16 or model.device.type != "cpu":
