@@ -40,7 +40,7 @@ from cbgen.bench.workloads import DEFAULT_PROMPTS, load_prompt_ids, real  # noqa
 
 OUT = ROOT / "benchmarks" / "out"
 BATCH = 32                       # HF static batching, as in `cbgen bench`
-SUMMARY = re.compile(r"cbgen: (\d+) requests, (\d+) tokens generated in ([\d.]+)s")
+SUMMARY = re.compile(r"cbgen: (\d+) requests?, (\d+) tokens generated in ([\d.]+)s")
 SYSTEMS = ("cbgen", "static", "llama-server")
 
 

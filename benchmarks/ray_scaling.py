@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SUMMARY = re.compile(r"cbgen: (\d+) requests, (\d+) tokens generated in ([\d.]+)s")
+SUMMARY = re.compile(r"cbgen: (\d+) requests?, (\d+) tokens generated in ([\d.]+)s")
 TICK = os.sysconf("SC_CLK_TCK")
 
 

@@ -20,8 +20,9 @@
  * With bf16 activations on a CPU with AVX-512 BF16 (e.g. AMD Zen 4, Intel Sapphire Rapids)
  * the dot products are vdpbf16ps instead: 32 bf16 pairs per instruction, products exact in
  * float32 (int8 weights are exact in bf16 too), accumulated in float32, the K tail through
- * masked loads (zeros add nothing). Four times the AVX2 path's multiply rate at 4+ rows,
- * where the AVX2 path is bound by arithmetic (benchmarks/NOTES.md, change 17). It is still
+ * masked loads (zeros add nothing). Per call it runs 2-4x as fast as the AVX2 path, whose
+ * conversions and 8-lane FMAs bound it by arithmetic from a few rows on (benchmarks/NOTES.md,
+ * change 17). It is still
  * one fixed chain per output, so still batch-invariant; its results differ from the AVX2
  * path's in the last bits (fused pairs; denormals flushed), so a CPU gives its own bits.
  *
@@ -131,7 +132,7 @@ static inline __attribute__((always_inline)) void y_tile(const float *x, int64_t
 
 #define TILE(R, C) y_tile(xf, ldx, m0, n0, K, w, wtype, scale, bias, y, y_bf16, N, R, C)
 
-#ifdef __AVX512BF16__
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 /* 32 weights from element i on (n < 32: the first n, the rest zero) as bf16 pairs. */
 static inline __m512bh load_w32(const void *w, int wtype, int64_t i, int n) {
     const __mmask32 m = n >= 32 ? 0xffffffffu : (1u << n) - 1u;
