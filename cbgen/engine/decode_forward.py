@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .llama import kernel_takes
 from .native_build import load_library
 
 _P, _L, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -87,18 +88,16 @@ class NativeDecode:
         self._dims = (m.embed.shape[1], m.num_heads, m.num_kv_heads, m.head_dim, m.intermediate, len(m.layers),
                       block_size)
         self._vocab = model.lm_head.w.shape[0]
-        # Steps of at most rows_max rows: where every projection's Python route is the same kernel
-        # (llama._Proj), so a step's bits do not depend on which of the two paths ran it.
-        from .llama import ALL_ROWS
+        # Steps the kernel takes on every projection (llama.kernel_takes, the Python forward's
+        # rule too), so a step's bits do not depend on which of the two paths ran it.
         self.rows_max = min(p.rows_max for p in model.projections())
-        self._all_rows = self.rows_max >= ALL_ROWS
 
     def takes(self, batch, T: int) -> bool:
         """Whether this step can run here: every row a decode row of the attention kernel, no
         prefill chunk, at most ``rows_max`` rows; in deterministic mode (``batch.row_tile``) only
         if the kernel takes every row count, as the Python forward's routes then do."""
-        return (batch.kernel is not None and batch.num_decodes == T and not batch.prefills and 0 < T <= self.rows_max
-                and (batch.row_tile is None or self._all_rows))
+        return (batch.kernel is not None and batch.num_decodes == T and not batch.prefills and T > 0
+                and kernel_takes(T, self.rows_max, batch.row_tile))
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch, keep: torch.Tensor):
         """h [T, hidden] bf16 (the embedded ids; overwritten), cos/sin [T, D] bf16 contiguous, keep

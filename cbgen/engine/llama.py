@@ -84,7 +84,7 @@ class _Proj:
         """x [T, in] -> [T, out]. With ``row_tile`` (deterministic), batch-invariant: through the
         native kernel if every call of this projection goes there (it is invariant by
         construction), else through torch on fixed row tiles (batch_invariant.py)."""
-        if x.shape[0] <= self.rows_max and (row_tile is None or self.rows_max >= ALL_ROWS):
+        if kernel_takes(x.shape[0], self.rows_max, row_tile):
             return self.rows(x, x.dtype)
         if row_tile is not None:
             return tiled(self._torch, x, row_tile, self.w if self.packed is None else None, self.b)
@@ -92,6 +92,14 @@ class _Proj:
 
 
 ALL_ROWS = 1 << 30   # rows_max for "every call"
+
+
+def kernel_takes(rows: int, rows_max: int, row_tile: int | None) -> bool:
+    """Whether a call of ``rows`` rows goes to the few-row kernel of a projection bound with
+    ``rows_max`` (_Proj, and decode_forward.NativeDecode for a whole step). In deterministic mode
+    (``row_tile`` set) only where the kernel takes every row count: it is batch-invariant by
+    itself, but a row threshold would send one token through two GEMMs depending on its batch."""
+    return rows <= rows_max and (row_tile is None or rows_max >= ALL_ROWS)
 
 
 def _can_pack(dtype: torch.dtype, device: torch.device) -> bool:
