@@ -30,8 +30,9 @@ DtypeOpt = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 (auto
 ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: all cores).")
 ImplOpt = typer.Option("auto", "--impl", help="How the model runs: auto | native (cbgen's own forward) | "
                        "transformers (its modules, paged attention). auto: the fastest that serves it.")
-QuantizeOpt = typer.Option("none", "--quantize", help="none | int8: weight-only int8 projections, one scale per "
-                           "output channel (faster decode at small batch; quality cost in README).")
+QuantizeOpt = typer.Option("none", "--quantize", help="none | int8 | auto: weight-only int8 projections, one scale "
+                           "per output channel (faster decode at small batch; quality cost in README). auto: int8 "
+                           "where the native int8 GEMM runs and the weights outgrow the CPU cache.")
 DeterministicOpt = typer.Option(False, "--deterministic", help="Batch-invariant: a greedy or seeded output "
                                 "depends only on its prompt and params, not on what else runs (costs speed at "
                                 "small batch; README).")

@@ -218,7 +218,8 @@ class ModelConfig:
     # "auto" = native where the architecture has one, else transformers' modules, else
     # the one-sequence-at-a-time fallback.
     impl: str = "auto"
-    # Weight-only quantization of the projections (cbgen/engine/quantize.py): "none" | "int8".
+    # Weight-only quantization of the projections (cbgen/engine/quantize.py): "none" | "int8" |
+    # "auto" (int8 where it speeds decode up here, quantize.choose_auto; resolved at load).
     quantize: str = "none"
 
     def __post_init__(self) -> None:
@@ -230,7 +231,7 @@ class ModelConfig:
                "threads", self.threads, "an integer >= 1")
         _check(self.impl in ("auto", "native", "transformers"),
                "impl", self.impl, "one of auto, native, transformers")
-        _check(self.quantize in ("none", "int8"), "quantize", self.quantize, "none or int8")
+        _check(self.quantize in ("none", "int8", "auto"), "quantize", self.quantize, "none, int8 or auto")
 
 
 __all__ = ["SamplingParams", "EngineConfig", "ModelConfig", "field"]

@@ -88,6 +88,21 @@ def test_steps_above_rows_max_stay_in_python(lib, sharp, monkeypatch):
     assert not calls and got == ref   # the 16 sequences decode side by side to the end: no step is small
 
 
+def test_one_call_steps_never_pack_the_weights(lib, sharp, monkeypatch):
+    """oneDNN's packed copy is made at the first decode step that reaches oneDNN: a run of one-call
+    steps never needs it (every row takes the kernel), so it never pays the packing or the memory."""
+    if not PACKABLE:
+        pytest.skip("oneDNN does not pack bf16 on this CPU")
+    loaded = dataclasses.replace(sharp, model=_llama(sharp.tokenizer, torch.bfloat16))
+    eng = Engine.from_loaded(loaded, EngineConfig(max_num_seqs=SEQS))
+    model = eng.runner.model
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True)
+    eng.generate(_prompts(loaded.tokenizer)[:1], [params])   # one prefill step, then one-call decode steps
+    assert model.pack_pending and all(p.packed is None for p in model.projections())
+    _, calls = _outputs(loaded, True, monkeypatch, max_num_seqs=16)   # decode steps of 16 rows
+    assert not calls and not model.pack_pending and any(p.packed is not None for p in model.projections())
+
+
 def test_bit_identical_to_the_python_forward_int8(lib, tiny_model_dir, monkeypatch):
     from cbgen.models import load_model
 

@@ -209,6 +209,33 @@ def test_quantize_needs_native_forward(tiny_model_dir):
         ModelConfig(quantize="int4")
 
 
+def test_quantize_auto_picks_int8_only_where_it_wins(tiny_model_dir, monkeypatch):
+    """auto: int8 where the native int8 GEMM runs and the weights outgrow the CPU cache (decode
+    then streams them from memory), else none, with the reason in the load status; never an error."""
+    from cbgen.models import load_model
+
+    def load(**over):
+        msgs = []
+        cfg = dict(model=str(tiny_model_dir), dtype="bfloat16", quantize="auto") | over
+        loaded = load_model(ModelConfig(**cfg), status=msgs.append)
+        quantized = [p.q is not None for p in loaded.model.projections()] if hasattr(loaded.model, "projections") else []
+        assert quantized == [loaded.quantize == "int8"] * len(quantized)
+        return loaded.quantize, " ".join(m for m in msgs if m.startswith("--quantize auto"))
+
+    got, why = load()
+    assert got == "none" and "fit in the" in why   # the tiny model's weights fit in any L2
+    monkeypatch.setattr(quantize, "last_level_cache_bytes", lambda: 4096)
+    got, why = load()
+    assert got == "int8" and "from memory" in why
+    assert load(dtype="float32")[0] == "int8"
+    assert load(dtype="float16")[0] == "none"
+    got, why = load(impl="transformers")
+    assert got == "none" and "native forward" in why
+    monkeypatch.setattr(linear_rows, "load", lambda cache_dir: None)
+    got, why = load()
+    assert got == "none" and "unavailable" in why
+
+
 def test_cli_quantize(tiny_model_dir, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"prompt": "hello there", "max_tokens": 6, "temperature": 0}) + "\n")
@@ -218,5 +245,5 @@ def test_cli_quantize(tiny_model_dir, tmp_path):
     rec = json.loads(ok.stdout.splitlines()[0])
     assert rec["error"] is None and rec["usage"]["completion_tokens"] == 6
     bad = subprocess.run(cmd + ["int4"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "quantize" in bad.stderr and "none or int8" in bad.stderr
+    assert bad.returncode == 2 and "quantize" in bad.stderr and "none, int8 or auto" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1

@@ -69,8 +69,13 @@ def test_bf16_engine_packs_and_agrees_with_transformers_forward(sharp):
     model = sharpen(sharp.model).to(torch.bfloat16)
     loaded = dataclasses.replace(sharp, model=model, dtype=torch.bfloat16)
     eng, _, native = greedy_all(loaded, impl="native")
-    if _can_pack(model.dtype, model.device):   # packed at the first decode step
-        assert all(p.packed is not None for p in eng.model.projections())
+    if _can_pack(model.dtype, model.device):
+        # Packed at the first decode step that reaches oneDNN (one-call native steps never do:
+        # tests/test_decode_forward.py).
+        eng = Engine.from_loaded(dataclasses.replace(loaded, impl="native"), EngineConfig(max_num_seqs=3))
+        eng.runner.native_decode = None   # every decode step through the Python forward
+        eng.generate([loaded.tokenizer.encode(TEXTS[0])], SamplingParams(max_new_tokens=3, min_new_tokens=3))
+        assert not eng.model.pack_pending and all(p.packed is not None for p in eng.model.projections())
     _, _, hf_modules = greedy_all(loaded, impl="transformers")
     # Same math op for op; bf16 GEMM shapes differ (fused q/k/v), so allow a rare late flip.
     same = sum(a[:5] == b[:5] for a, b in zip(native, hf_modules))

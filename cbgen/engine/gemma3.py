@@ -154,6 +154,7 @@ class Gemma3Forward:
         defaults fill layer_types and rope_parameters); ``spec`` (eos ids, context length)
         replaces the one derived from ``config`` when given."""
         inst = cls._from_tensors(config, get, cat)
+        inst.owns_weights = True
         if spec is not None:
             assert spec.sliding_windows == inst.spec.sliding_windows, "spec and config disagree"
             inst.spec = spec
@@ -198,6 +199,8 @@ class Gemma3Forward:
         self.layer_types = [SLIDING if w else FULL for w in self.spec.sliding_windows]
         assert list(config.layer_types[:len(layers)]) == self.layer_types, "spec and config disagree on layer types"
         self.windows = self.spec.sliding_windows
+        # Built from checkpoint tensors, not over a transformers model's parameters (hugepages.py).
+        self.owns_weights = False
         self.ropes = ropes
         self.eps = config.rms_norm_eps
         self.scale = config.query_pre_attn_scalar ** -0.5

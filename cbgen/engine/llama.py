@@ -20,8 +20,10 @@ static RoPE types, reproduced op for op by ``Rope``), but:
   A projection is packed only if a probe shows the packed GEMM bit-identical to
   ``F.linear`` on this machine, so packing never changes results. It costs a
   second copy of those weights (~0.25 GB for a 135M model) and ~0.3 s (packing
-  plus oneDNN's first-call JIT), so it happens at the first decode step, not at
-  load: a one-prompt, one-token run (the cold-start case) never pays for it.
+  plus oneDNN's first-call JIT), so it happens at the first decode step that
+  reaches oneDNN, not at load: a one-prompt, one-token run (the cold-start case)
+  never pays for it, nor does a run whose decode steps all take the one-call
+  native step (decode_forward.py; ~150 ms, 0.6 ms a token of a 256-token run).
 
 Contract: ``LlamaForward.supports(model)`` says whether it applies to a
 transformers model; ``forward`` takes the flat token ids / positions of one step
@@ -58,6 +60,7 @@ class _Proj:
         self.scale: torch.Tensor | None = None
         # The native few-row GEMM bound to these weights, and the most rows it takes per call (0: none).
         self.rows, self.rows_max = None, 0
+        self.huge_pages = False   # the weight the GEMMs read was moved onto huge pages (hugepages.py)
 
     def use_rows(self, kernel, rows_max: int) -> None:
         """Calls of at most ``rows_max`` rows go through ``kernel`` (a linear_rows.LinearRows;
@@ -300,8 +303,10 @@ class LlamaForward:
         rope_type = spec.layers[0].rope_type
         rope = (Rope.default(spec.layers[0].rope_theta, spec.head_dim) if rope_type == "default"
                 else Rope.from_config(c, rope_type))
-        return cls(spec, c.intermediate_size, embed, rope, layers, get("model.norm.weight"), c.rms_norm_eps,
+        inst = cls(spec, c.intermediate_size, embed, rope, layers, get("model.norm.weight"), c.rms_norm_eps,
                    _Proj(head, None), spec.head_dim ** -0.5, _can_pack(embed.dtype, embed.device))
+        inst.owns_weights = True
+        return inst
 
     def __init__(self, spec: ModelSpec, intermediate_size: int, embed: torch.Tensor, rotary, layers: list[_Layer],
                  norm: torch.Tensor, eps: float, lm_head: _Proj, scale: float, pack: bool) -> None:
@@ -311,6 +316,8 @@ class LlamaForward:
         self.tied = lm_head.w is embed   # fixed at load: quantizing gives the head a tensor of its own
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.intermediate = intermediate_size
+        # Built from checkpoint tensors, not over a transformers model's parameters (hugepages.py).
+        self.owns_weights = False
         # Per layer: None (full) or the sliding window (Mistral's sliding_window, Qwen2's layer_types).
         self.windows = spec.sliding_windows
 
@@ -349,8 +356,6 @@ class LlamaForward:
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch,
                 keep: torch.Tensor) -> torch.Tensor | None:
         """ids, positions: [T]; keep: rows to return logits for. Returns [len(keep), V] or None."""
-        if self.pack_pending and batch.num_decodes:
-            self.pack()
         T = ids.shape[0]
         H, KVH, D, I = self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate
         qd, kd = H * D, KVH * D
@@ -362,6 +367,10 @@ class LlamaForward:
         native = batch.native_decode
         if native is not None and native.takes(batch, T):
             return native(h, cos, sin, batch, keep)   # the same ops as below, in one native call
+        # Packed at the first decode step that reaches oneDNN: a one-call step never does (its rows
+        # all take the few-row kernel), so a run of such steps never pays the packing or its memory.
+        if self.pack_pending and batch.num_decodes:
+            self.pack()
         last = len(self.layers) - 1
 
         def add_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor):

@@ -13,12 +13,21 @@ conversion (cbgen/models/gguf.py) and re-quantized here: its per-32-element bloc
 map onto one scale per channel, which is what the kernel reads, and the cached float
 checkpoint is also what every other dtype loads from.
 
+``--quantize auto`` (``choose_auto``) picks int8 where it wins: the native int8 kernel is
+there, and the projection weights are larger than the CPU's last-level cache, so a decode step
+waits on streaming them from memory and halving (bf16) or quartering (float32) their bytes is
+what speeds it up. Everywhere else it picks none: the de-quantized copy would run the same
+GEMMs, for the quality cost alone.
+
 Contract: ``quantize_int8(w)`` -> (q, scale). ``apply(model, quantize, kernel)`` quantizes
 (if asked) and routes each projection's calls: the native kernel (linear_rows.py) where it
 wins, torch otherwise. Raises ValueError for a model without native projections.
+``choose_auto(model, device, cache_dir)`` -> ("int8" | "none", why).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -31,7 +40,7 @@ INT8_FP32_ROWS_MAX = 32
 # also drops the Python forward's per-op cost; from ~12 rows on oneDNN's step is the faster
 # (benchmarks/NOTES.md, change 17). Calls with more rows keep oneDNN.
 PACKED_BF16_ROWS_MAX = 8
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8")   # what apply takes; --quantize also takes "auto" (choose_auto)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)   # model dtypes whose activations the kernel reads
 
 
@@ -54,6 +63,43 @@ def quantize_int8(w: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """q * scale[:, None] in ``dtype`` ([N, K])."""
     return (q.float() * scale[:, None]).to(dtype)
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (Linux sysfs, cpu0); 0 where unknown."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=0)
+
+
+def choose_auto(model, device: torch.device, cache_dir: Path) -> tuple[str, str]:
+    """What ``--quantize auto`` picks for a loaded native forward (``projections()``): "int8" where
+    the native int8 GEMM loads here (it compiles into ``cache_dir`` on first use) and the projection
+    weights exceed the last-level cache, else "none"; and the reason, in words, for the load status."""
+    from . import linear_rows
+    if device.type != "cpu":
+        return "none", "the int8 GEMM runs on CPU only"
+    projections = model.projections()
+    dtype = projections[0].w.dtype
+    if dtype not in KERNEL_DTYPES:
+        return "none", f"the int8 GEMM reads float32 or bf16 activations, not {str(dtype).removeprefix('torch.')}"
+    if linear_rows.load(cache_dir) is None:
+        return "none", "the native int8 GEMM is unavailable here (switched off, or no C compiler)"
+    weights = sum(p.w.numel() * p.w.element_size() for p in {id(p.w): p for p in projections}.values())
+    cache = last_level_cache_bytes()
+    if weights <= cache:
+        return "none", (f"the {weights / 1e6:.0f} MB of projection weights fit in the {cache / 1e6:.0f} MB "
+                        "CPU cache, so decode does not wait on memory")
+    return "int8", (f"decode streams {weights / 1e6:.0f} MB of projection weights from memory a step"
+                    + (f", more than the {cache / 1e6:.0f} MB CPU cache" if cache else ""))
 
 
 def apply(model, quantize: str, kernel, packable: bool) -> None:

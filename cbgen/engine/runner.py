@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import EngineConfig, cache_root
-from . import decode_forward, fused_ops, linear_rows, paged_kernel, quantize
+from . import decode_forward, fused_ops, hugepages, linear_rows, paged_kernel, quantize
 from .llama import _can_pack
 from .architectures import UnsupportedModelError
 from .batch_invariant import row_tile_for
@@ -74,6 +74,9 @@ class ModelRunner:
         # Native residual add + RMSNorm and greedy argmax: bf16 only (float32 keeps exact torch ops).
         self.fused = (fused_ops.load(cache_root() / "kernels")
                       if self.dtype == torch.bfloat16 and self.device.type == "cpu" else None)
+        # Weights a decode step streams on huge pages (hugepages.py); before quantize.apply binds them.
+        if self.device.type == "cpu" and hasattr(model, "projections"):
+            hugepages.move_weights(model)
         # The native few-row GEMM for bf16 and int8 projections on CPU (quantize.apply says which).
         if self.device.type == "cpu" and hasattr(model, "projections") and (
                 self.dtype == torch.bfloat16 or any(p.q is not None for p in model.projections())):
@@ -85,7 +88,9 @@ class ModelRunner:
         self.null_block = num_blocks
         kv_shape = (num_blocks + 1, spec.num_kv_heads, spec.head_dim, bs)   # see attention.py: token-minor
         v_shape = ((num_blocks + 1) * bs, spec.num_kv_heads, spec.head_dim)
-        # torch.empty: pages are only touched (and counted in RSS) as blocks get used.
+        # torch.empty: pages are only touched (and counted in RSS) as blocks get used. Not on huge
+        # pages: each first touch of a 2 MiB page cost ~4 ms here (the kernel compacts memory to
+        # find one), on the step that touches it, and the pool's RSS would grow 2 MiB at a time.
         self.kv = [(torch.empty(kv_shape, dtype=self.dtype, device=self.device),
                     torch.empty(v_shape, dtype=self.dtype, device=self.device))
                    for _ in range(spec.num_layers)]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cbgen.config import ModelConfig
+from cbgen.config import ModelConfig, cache_root
 from cbgen.config import cpu_flags as machine_cpu_flags
 
 from .errors import ModelError, _one_line
@@ -221,7 +221,7 @@ def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel
     dtype, reason = pick_dtype(cfg.dtype, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    converted = False
+    converted, quantize = False, cfg.quantize   # "auto" resolves to int8 or none below
     path = res.path
     if res.is_gguf:
         path, converted = ensure_converted(res.path, dtype, cfg.cache_dir, status)
@@ -242,12 +242,19 @@ def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel
             spec = model.spec
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise ModelError(f"cannot load {path}: {_one_line(e)}") from e
-        if cfg.quantize != "none":
+        if quantize == "auto":
+            from cbgen.engine.quantize import choose_auto
+            quantize, why = choose_auto(model, device, cache_root() / "kernels")
+            status(f"--quantize auto: {quantize} ({why})")
+        if quantize != "none":
             from cbgen.engine.quantize import apply
-            status(f"quantizing the projections to {cfg.quantize}")
-            apply(model, cfg.quantize, kernel=None, packable=False)
+            status(f"quantizing the projections to {quantize}")
+            apply(model, quantize, kernel=None, packable=False)
     else:
-        if cfg.quantize != "none":
+        if quantize == "auto":
+            quantize = "none"   # int8 needs the native forward; auto never refuses a model
+            status("--quantize auto: none (int8 needs cbgen's native forward)")
+        if quantize != "none":
             how_runs = "transformers' modules" if how.impl == "transformers" else "the transformers fallback"
             fix = ("use --impl auto" if cfg.impl == "transformers" and model_type in NATIVE
                    else "use --quantize none")
@@ -273,4 +280,4 @@ def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel
         dtype=dtype, dtype_reason=reason, device=device, max_model_len=max_len,
         has_chat_template=bool(tokenizer.chat_template), converted=converted,
         load_seconds=time.perf_counter() - t0, origin=res.path, spec=spec, impl=cfg.impl,
-        serving=how.impl, quantize=cfg.quantize)
+        serving=how.impl, quantize=quantize)
