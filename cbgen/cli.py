@@ -26,7 +26,8 @@ _STARTED = time.monotonic()   # --dry-run counts start-up from here
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Local HF model dir, a .gguf file, or org/name in the "
                         "local HF cache. Default: the embedded SmolLM2-135M-Instruct.")
-DtypeOpt = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 (auto: bf16 where the CPU has native bf16).")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16 (auto: bf16 where the CPU has "
+                        "native bf16).")
 ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: all cores).")
 ImplOpt = typer.Option("auto", "--impl", help="How the model runs: auto | native (cbgen's own forward) | "
                        "transformers (its modules, paged attention). auto: the fastest that serves it.")
@@ -44,18 +45,20 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _load(model: str | None, dtype: str, threads: int | None, chat_template: str | None = None,
-          impl: str = "auto", quantize: str = "none", quiet: bool = False):
+          impl: str = "auto", quantize: str = "none", quiet: bool = False, deterministic: bool = False):
     """Load the model, turning every expected failure into a one-line error. ``chat_template``
     (Jinja source) replaces the tokenizer's for the whole process; ``quiet`` drops the load's
-    status lines (errors still print)."""
+    status lines (errors still print); ``deterministic``: the engine will be (--quantize auto)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never a network hang
     from .compute import compute_thread
     from .models import ModelError, load_model
     try:
         cfg = ModelConfig(model=model, dtype=dtype, threads=threads, impl=impl, quantize=quantize)
         # On the compute thread, where the engine will step: one OpenMP team (cbgen/compute.py).
-        status = (lambda msg: None) if quiet else (lambda msg: err.print(msg, style="dim", highlight=False))
-        loaded = compute_thread().call(load_model, cfg, status=status)
+        # soft_wrap: one status, one line, also when stderr is a file (grep, logs).
+        status = (lambda msg: None) if quiet else (lambda msg: err.print(msg, style="dim", highlight=False,
+                                                                          soft_wrap=True))
+        loaded = compute_thread().call(load_model, cfg, status=status, deterministic=deterministic)
     except (ModelError, ValueError) as e:
         fail(str(e))
     if chat_template is not None:
@@ -159,7 +162,7 @@ def run(
                                                help="And the K most likely tokens at each (0-20; implies --logprobs)."),
     prompt_logprobs: Optional[int] = typer.Option(None, "--prompt-logprobs",
                                                   help="Logprobs of the prompt tokens, with K alternatives (0-20)."),
-    json_mode: bool = typer.Option(False, "--json", help="Constrain outputs to a JSON object (needs cbgen[structured])."),
+    json_mode: bool = typer.Option(False, "--json", help="Constrain outputs to a JSON object (needs cbgen\\[structured])."),
     json_schema: Optional[str] = typer.Option(None, "--json-schema", help="Constrain outputs to this JSON schema file."),
     regex: Optional[str] = typer.Option(None, "--regex", help="Constrain outputs to match this regex."),
     choice: Optional[str] = typer.Option(None, "--choice", help="Constrain outputs to one of these labels: a,b,c."),
@@ -177,7 +180,7 @@ def run(
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Live view on stderr (default: when stderr is a terminal)."),
     use_ray: bool = typer.Option(False, "--ray", help="Run on the Ray cluster at $RAY_ADDRESS, or a local Ray "
-                                 "instance (needs cbgen[ray])."),
+                                 "instance (needs cbgen\\[ray])."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers, one engine each (default: one per node)."),
     cpus_per_worker: Optional[int] = typer.Option(None, "--cpus-per-worker",
                                                   help="CPUs (torch threads) per Ray worker (default: a node's cores)."),
@@ -227,7 +230,8 @@ def run(
         fail(str(e))
     structured = _structured(json_mode, json_schema, regex, choice, grammar)
     cfg = _engine_config(max_num_seqs, max_batched_tokens, kv_cache_gb, not no_prefix_cache, attention, deterministic)
-    loaded = _load(model, dtype, threads, _chat_template(chat_template), impl, quantize, quiet=quiet)
+    loaded = _load(model, dtype, threads, _chat_template(chat_template), impl, quantize, quiet=quiet,
+                   deterministic=deterministic)
     if validate:
         from .frontends.validate import validate_inputs
         raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err, tables.spec))
@@ -393,7 +397,7 @@ def chat(
             open(json_log, "a", encoding="utf-8").close()
         except OSError as e:
             fail(f"--json-log {json_log!r}: cannot open: {e.strerror or e}")
-    loaded = _load(model, dtype, threads, _chat_template(chat_template), impl, quantize)
+    loaded = _load(model, dtype, threads, _chat_template(chat_template), impl, quantize, deterministic=deterministic)
     engine = _engine(loaded, cfg)
     raise typer.Exit(run_chat(engine, loaded, defaults, system=system, json_log=json_log))
 

@@ -214,10 +214,11 @@ def test_quantize_auto_picks_int8_only_where_it_wins(tiny_model_dir, monkeypatch
     then streams them from memory), else none, with the reason in the load status; never an error."""
     from cbgen.models import load_model
 
-    def load(**over):
+    def load(deterministic=False, **over):
         msgs = []
         cfg = dict(model=str(tiny_model_dir), dtype="bfloat16", quantize="auto") | over
-        loaded = load_model(ModelConfig(**cfg), status=msgs.append)
+        loaded = load_model(ModelConfig(**cfg), status=msgs.append, deterministic=deterministic)
+        assert loaded.quantize_reason.startswith("--quantize auto: ")
         quantized = [p.q is not None for p in loaded.model.projections()] if hasattr(loaded.model, "projections") else []
         assert quantized == [loaded.quantize == "int8"] * len(quantized)
         return loaded.quantize, " ".join(m for m in msgs if m.startswith("--quantize auto"))
@@ -228,6 +229,13 @@ def test_quantize_auto_picks_int8_only_where_it_wins(tiny_model_dir, monkeypatch
     got, why = load()
     assert got == "int8" and "from memory" in why
     assert load(dtype="float32")[0] == "int8"
+    # Batch-invariant steps take the kernel only where it takes every row count (bf16 where oneDNN
+    # cannot pack bf16); elsewhere int8 would run oneDNN on its de-quantized copy, no faster.
+    from cbgen.engine.llama import _can_pack
+    got, why = load(deterministic=True)
+    assert got == ("int8" if not _can_pack(torch.bfloat16, torch.device("cpu")) else "none")
+    got, why = load(deterministic=True, dtype="float32")
+    assert got == "none" and "--deterministic" in why
     assert load(dtype="float16")[0] == "none"
     got, why = load(impl="transformers")
     assert got == "none" and "native forward" in why

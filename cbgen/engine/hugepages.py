@@ -1,5 +1,5 @@
 """Tensors on transparent huge pages (2 MiB) where Linux offers them: the weights a decode step
-streams and the KV pool.
+streams (the KV pool stays on small pages: benchmarks/NOTES.md change 18 says why).
 
 Why: a decode step at a few sequences reads every projection weight from DRAM once (269 MB for
 the 135M model in bf16). With 4 KiB pages that is a TLB miss every 4 KiB, and the page walks
@@ -12,7 +12,7 @@ advised before any page is touched.
 
 Contract: ``available()`` says whether the advice can be given here. ``zeros(specs)`` returns
 zero-filled tensors for ``(shape, dtype)`` specs, in one anonymous mapping: the kernel hands out
-zeroed pages, and only when first touched, so a KV pool's unused blocks cost no memory.
+zeroed pages, and only when first touched.
 ``copy_tensors(tensors)`` returns copies of the tensors in one such mapping. Both return ordinary CPU
 tensors (views of the mapping, which they keep alive), on huge pages where available and on small
 ones otherwise, so callers need no second path. A refused ``madvise`` is ignored (small pages, as

@@ -80,17 +80,25 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=0)
 
 
-def choose_auto(model, device: torch.device, cache_dir: Path) -> tuple[str, str]:
+def choose_auto(model, device: torch.device, cache_dir: Path, deterministic: bool = False) -> tuple[str, str]:
     """What ``--quantize auto`` picks for a loaded native forward (``projections()``): "int8" where
     the native int8 GEMM loads here (it compiles into ``cache_dir`` on first use) and the projection
-    weights exceed the last-level cache, else "none"; and the reason, in words, for the load status."""
+    weights exceed the last-level cache, else "none"; and the reason, in words, for the load status.
+    ``deterministic``: the engine will run batch-invariant steps. Its GEMMs then take the kernel only
+    where it takes every row count (bf16 where oneDNN cannot pack bf16; ``apply``), and elsewhere
+    run oneDNN on fixed row tiles of the de-quantized copy, where int8 would cost quality for
+    nothing, so auto picks none there."""
     from . import linear_rows
+    from .llama import _can_pack
     if device.type != "cpu":
         return "none", "the int8 GEMM runs on CPU only"
     projections = model.projections()
     dtype = projections[0].w.dtype
     if dtype not in KERNEL_DTYPES:
         return "none", f"the int8 GEMM reads float32 or bf16 activations, not {str(dtype).removeprefix('torch.')}"
+    if deterministic and (dtype != torch.bfloat16 or _can_pack(dtype, device)):
+        return "none", ("with --deterministic the int8 weights would run oneDNN's GEMM on their "
+                        "de-quantized copy here (on fixed row tiles), no faster than without")
     if linear_rows.load(cache_dir) is None:
         return "none", "the native int8 GEMM is unavailable here (switched off, or no C compiler)"
     weights = sum(p.w.numel() * p.w.element_size() for p in {id(p.w): p for p in projections}.values())

@@ -46,6 +46,7 @@ def model_info(loaded: LoadedModel) -> dict[str, Any]:
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "dtype_reason": loaded.dtype_reason,
         "quantize": loaded.quantize,
+        "quantize_reason": loaded.quantize_reason,
         "device": str(loaded.device),
         "context_length": loaded.max_model_len,
         "vocab_size": len(loaded.tokenizer),

@@ -44,7 +44,8 @@ class LoadedModel:
     spec: Any = None  # ModelSpec (cbgen/engine/model_spec.py): architecture, per-layer attention, eos ids
     impl: str = "auto"  # the knob it was loaded with (ModelConfig.impl); the engine honours it
     serving: str = "native"  # how it will run: native | transformers | fallback (engine/architectures.py)
-    quantize: str = "none"   # ModelConfig.quantize, applied at load (engine/quantize.py)
+    quantize: str = "none"   # ModelConfig.quantize as applied at load ("auto" resolved; engine/quantize.py)
+    quantize_reason: str = "the default"   # why: the option, or --quantize auto's reason
 
     @property
     def native(self) -> bool:
@@ -206,8 +207,9 @@ def _load_dir(path: Path, dtype: "torch.dtype", device: "torch.device") -> tuple
     return model.eval(), _load_tokenizer(path)
 
 
-def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel:
+def load_model(cfg: ModelConfig, *, status: Status | None = None, deterministic: bool = False) -> LoadedModel:
     """Resolve ``cfg.model`` and load it; raises ``ModelError`` (one line) on any user-facing failure.
+    ``deterministic``: the engine will run batch-invariant steps (``--quantize auto`` weighs it).
 
     A GGUF source is converted into the cache on first use (reported through
     ``status``); ``load_seconds`` covers the whole call, conversion included.
@@ -222,6 +224,7 @@ def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     converted, quantize = False, cfg.quantize   # "auto" resolves to int8 or none below
+    quantize_reason = "--quantize int8" if quantize == "int8" else "the default" if quantize == "none" else ""
     path = res.path
     if res.is_gguf:
         path, converted = ensure_converted(res.path, dtype, cfg.cache_dir, status)
@@ -244,7 +247,8 @@ def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel
             raise ModelError(f"cannot load {path}: {_one_line(e)}") from e
         if quantize == "auto":
             from cbgen.engine.quantize import choose_auto
-            quantize, why = choose_auto(model, device, cache_root() / "kernels")
+            quantize, why = choose_auto(model, device, cache_root() / "kernels", deterministic)
+            quantize_reason = f"--quantize auto: {why}"
             status(f"--quantize auto: {quantize} ({why})")
         if quantize != "none":
             from cbgen.engine.quantize import apply
@@ -253,6 +257,7 @@ def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel
     else:
         if quantize == "auto":
             quantize = "none"   # int8 needs the native forward; auto never refuses a model
+            quantize_reason = "--quantize auto: int8 needs cbgen's native forward"
             status("--quantize auto: none (int8 needs cbgen's native forward)")
         if quantize != "none":
             how_runs = "transformers' modules" if how.impl == "transformers" else "the transformers fallback"
@@ -280,4 +285,4 @@ def load_model(cfg: ModelConfig, *, status: Status | None = None) -> LoadedModel
         dtype=dtype, dtype_reason=reason, device=device, max_model_len=max_len,
         has_chat_template=bool(tokenizer.chat_template), converted=converted,
         load_seconds=time.perf_counter() - t0, origin=res.path, spec=spec, impl=cfg.impl,
-        serving=how.impl, quantize=quantize)
+        serving=how.impl, quantize=quantize, quantize_reason=quantize_reason)
