@@ -22,7 +22,7 @@ GEMMs, for the quality cost alone.
 Contract: ``quantize_int8(w)`` -> (q, scale). ``apply(model, quantize, kernel)`` quantizes
 (if asked) and routes each projection's calls: the native kernel (linear_rows.py) where it
 wins, torch otherwise. Raises ValueError for a model without native projections.
-``choose_auto(model, device, cache_dir)`` -> ("int8" | "none", why).
+``choose_auto(model, device, cache_dir, deterministic)`` -> ("int8" | "none", why).
 """
 
 from __future__ import annotations
