@@ -89,25 +89,37 @@ def choose_auto(model, device: torch.device, cache_dir: Path, deterministic: boo
     run oneDNN on fixed row tiles of the de-quantized copy, where int8 would cost quality for
     nothing, so auto picks none there."""
     from . import linear_rows
-    from .llama import _can_pack
+    from .llama import ALL_ROWS, _can_pack
     if device.type != "cpu":
         return "none", "the int8 GEMM runs on CPU only"
     projections = model.projections()
     dtype = projections[0].w.dtype
     if dtype not in KERNEL_DTYPES:
         return "none", f"the int8 GEMM reads float32 or bf16 activations, not {str(dtype).removeprefix('torch.')}"
-    if deterministic and (dtype != torch.bfloat16 or _can_pack(dtype, device)):
+    if deterministic and rows_max_for(dtype, True, _can_pack(dtype, device)) < ALL_ROWS:
         return "none", ("with --deterministic the int8 weights would run oneDNN's GEMM on their "
                         "de-quantized copy here (on fixed row tiles), no faster than without")
     if linear_rows.load(cache_dir) is None:
         return "none", "the native int8 GEMM is unavailable here (switched off, or no C compiler)"
-    weights = sum(p.w.numel() * p.w.element_size() for p in {id(p.w): p for p in projections}.values())
+    weights = sum(p.w.numel() * p.w.element_size() for p in projections)
     cache = last_level_cache_bytes()
     if weights <= cache:
         return "none", (f"the {weights / 1e6:.0f} MB of projection weights fit in the {cache / 1e6:.0f} MB "
                         "CPU cache, so decode does not wait on memory")
     return "int8", (f"decode streams {weights / 1e6:.0f} MB of projection weights from memory a step"
                     + (f", more than the {cache / 1e6:.0f} MB CPU cache" if cache else ""))
+
+
+def rows_max_for(dtype: torch.dtype, int8: bool, packable: bool) -> int:
+    """The most rows a call of a projection with ``dtype`` weights (int8 ones: ``int8``) takes
+    through the few-row kernel; ``packable``: oneDNN can pre-pack bf16 here. The routes are
+    ``apply``'s; ``llama.kernel_takes`` applies the result to each call."""
+    from .llama import ALL_ROWS
+    if dtype not in KERNEL_DTYPES:   # e.g. float16: the kernel reads float32 or bf16 activations only
+        return 0
+    if dtype == torch.bfloat16:   # int8 too: above the threshold oneDNN on the de-quantized copy beats the kernel
+        return PACKED_BF16_ROWS_MAX if packable else ALL_ROWS
+    return INT8_FP32_ROWS_MAX if int8 else 0
 
 
 def apply(model, quantize: str, kernel, packable: bool) -> None:
@@ -119,9 +131,8 @@ def apply(model, quantize: str, kernel, packable: bool) -> None:
     count (torch's bf16 GEMM there is slower at every size we measured); where it can, up to
     PACKED_BF16_ROWS_MAX rows (oneDNN's packed GEMM above, on the de-quantized copy for int8);
     int8 on float32 up to INT8_FP32_ROWS_MAX rows; float32 weights never (their parity with
-    transformers is the fidelity check).
+    transformers is the fidelity check). The row counts: ``rows_max_for``.
     """
-    from .llama import ALL_ROWS
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize {quantize!r}: expected one of {', '.join(QUANTIZE_CHOICES)}")
     projections = getattr(model, "projections", None)
@@ -133,12 +144,5 @@ def apply(model, quantize: str, kernel, packable: bool) -> None:
         if quantize == "int8" and p.q is None:
             p.q, p.scale = quantize_int8(p.w)
             p.w = dequantize(p.q, p.scale, p.w.dtype)
-        bf16 = p.w.dtype == torch.bfloat16
-        if p.w.dtype not in KERNEL_DTYPES:   # e.g. float16: the kernel reads float32 or bf16 activations only
-            p.use_rows(None, 0)
-            continue
-        if bf16:   # int8 too: above the threshold oneDNN on the de-quantized copy beats the kernel
-            rows_max = PACKED_BF16_ROWS_MAX if packable else ALL_ROWS
-        else:
-            rows_max = INT8_FP32_ROWS_MAX if p.q is not None else 0
-        p.use_rows(kernel, rows_max)
+        rows_max = rows_max_for(p.w.dtype, p.q is not None, packable)
+        p.use_rows(kernel if rows_max else None, rows_max)

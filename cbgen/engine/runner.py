@@ -89,8 +89,9 @@ class ModelRunner:
         kv_shape = (num_blocks + 1, spec.num_kv_heads, spec.head_dim, bs)   # see attention.py: token-minor
         v_shape = ((num_blocks + 1) * bs, spec.num_kv_heads, spec.head_dim)
         # torch.empty: pages are only touched (and counted in RSS) as blocks get used. Not on huge
-        # pages: each first touch of a 2 MiB page cost ~4 ms here (the kernel compacts memory to
-        # find one), on the step that touches it, and the pool's RSS would grow 2 MiB at a time.
+        # pages: a first touch of a 2 MiB page cost ~4 ms on the 2-vCPU VM we measured (backing
+        # fresh guest memory), on the step that touches it, and the pool's RSS would grow 2 MiB
+        # at a time (benchmarks/NOTES.md change 18).
         self.kv = [(torch.empty(kv_shape, dtype=self.dtype, device=self.device),
                     torch.empty(v_shape, dtype=self.dtype, device=self.device))
                    for _ in range(spec.num_layers)]
