@@ -102,8 +102,9 @@ def decode_throughput(make_engine: EngineFactory, prompts: list[list[int]], conc
                       steps: int) -> dict:
     """Aggregate decode tok/s with ``concurrency`` sequences all decoding.
 
-    The requests prefill first (not timed); then ``steps`` steps are timed, each
-    of which forwards exactly one token per sequence.
+    The requests prefill first (not timed); then ``steps`` calls of ``engine.step`` are
+    timed, each of which forwards one token per sequence per step it runs (several, for
+    greedy batches the multi-step path takes: EngineConfig.num_scheduler_steps).
     """
     engine = make_engine()
     # Early joiners decode while later ones prefill: leave room so none finishes in the timed window.
@@ -113,11 +114,12 @@ def decode_throughput(make_engine: EngineFactory, prompts: list[list[int]], conc
     started: set[str] = set()
     while len(started) < concurrency:
         started.update(o.request_id for o in engine.step())
-    t0 = now()
+    t0, steps0 = now(), engine.num_steps
     for _ in range(steps):
         outs = engine.step()
         assert len(outs) == concurrency, f"expected {concurrency} decodes, got {len(outs)}"
     dt = now() - t0
+    steps = engine.num_steps - steps0
     ctx = sum(len(prompts[i % len(prompts)]) for i in range(concurrency)) / concurrency
     for rid in engine.live_ids():
         engine.abort(rid)

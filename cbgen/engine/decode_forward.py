@@ -12,7 +12,9 @@ compiler). ``lib.bind(model, kv)`` returns a ``NativeDecode`` for a llama.LlamaF
 bf16 whose every projection takes the few-row GEMM (at every row count, or, where oneDNN packs
 bf16, up to quantize.PACKED_BF16_ROWS_MAX rows), over the runner's KV pool ``kv``, or None and
 the reason. The forward uses it for steps whose rows are all decode rows of the attention
-kernel and no more than every projection's kernel takes (``NativeDecode.takes``).
+kernel and no more than every projection's kernel takes (``NativeDecode.takes``). ``NativeDecode.steps`` runs several greedy steps
+in one call (csrc decode_steps: argmax and the next token's embedding in C), for the
+runner's multi-step path (scheduler.lookahead).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class DecodeForwardLib:
         self._fn = lib.decode_forward
         self._fn.argtypes = [_P] * 14
         self._fn.restype = ctypes.c_int
+        self._steps = lib.decode_steps
+        self._steps.argtypes = [_P] * 15 + [_L, _P]
+        self._steps.restype = ctypes.c_int
 
     def bind(self, model, kv: list[tuple[torch.Tensor, torch.Tensor]],
              block_size: int) -> "tuple[NativeDecode | None, str]":
@@ -68,14 +73,15 @@ class DecodeForwardLib:
             return None, f"it runs bf16 on CPU only (the model is {model.dtype} on {model.device})"
         if any(p.rows is None or p.rows_max < 1 for p in model.projections()):
             return None, "some projections do not take the native few-row GEMM"
-        return NativeDecode(self._fn, model, kv, block_size), ""
+        return NativeDecode(self._fn, self._steps, model, kv, block_size), ""
 
 
 class NativeDecode:
-    """One model and KV pool, bound: ``__call__`` runs a decode-only step in one native call."""
+    """One model and KV pool, bound: ``__call__`` runs a decode-only step in one native call,
+    ``steps`` several greedy ones."""
 
-    def __init__(self, fn, model, kv, block_size: int) -> None:
-        self._fn, self.model = fn, model
+    def __init__(self, fn, steps_fn, model, kv, block_size: int) -> None:
+        self._fn, self._steps_fn, self.model = fn, steps_fn, model
         # The bound GEMMs and pool tensors are kept referenced: the structs hold their addresses.
         self._keep = [p.rows for p in model.projections()] + [t for pair in kv for t in pair]
         self._layers = (DecLayer * len(model.layers))(*[
@@ -103,23 +109,46 @@ class NativeDecode:
         """h [T, hidden] bf16 (the embedded ids; overwritten), cos/sin [T, D] bf16 contiguous, keep
         [nkeep] int64 rows. Returns logits [nkeep, vocab] bf16, or None when keep is empty. Writes this
         step's K/V into the pool. Raises MemoryError / RuntimeError if the native step fails."""
-        T = h.shape[0]
         keep = keep.contiguous()
         nkeep = keep.numel()
-        tables, lens = batch.decode_tables, batch.decode_lens
         logits = torch.empty(nkeep, self._vocab, dtype=torch.bfloat16) if nkeep else None
-        dims = DecDims(T, *self._dims, tables.shape[1], nkeep, self._vocab, torch.get_num_threads(),
-                       self.model.scale, self.model.eps)
         wb, wo = batch.write_blocks.contiguous(), batch.write_offsets.contiguous()
-        rc = self._fn(ctypes.addressof(self._layers), ctypes.addressof(self._kv), ctypes.addressof(dims),
-                      h.data_ptr(), cos.data_ptr(), sin.data_ptr(), wb.data_ptr(), wo.data_ptr(),
-                      tables.data_ptr(), lens.data_ptr(), keep.data_ptr(), self._norm,
-                      ctypes.addressof(self._head), None if logits is None else logits.data_ptr())
-        if rc == -2:
-            raise MemoryError("native decode step: out of memory")
-        if rc:
-            raise RuntimeError(f"native decode step failed (code {rc})")
+        _check(self._fn(*self._args(h, cos, sin, wb, wo, batch.decode_tables, batch.decode_lens, keep, logits)))
         return logits
+
+    def steps(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_blocks: torch.Tensor,
+              write_offsets: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """``S = write_blocks.shape[0]`` greedy decode steps of T rows in one native call (multi-step
+        scheduling): each step's logits of every row, their argmax (the sampler's greedy rule) and
+        that token's embedding as the next step's input. h [T, hidden] bf16 (the embedded last
+        tokens; overwritten), cos/sin [S, T, D] bf16 contiguous, write_blocks/offsets [S, T] int64
+        (each step's KV slot), tables [T, width] int32 covering every step's context, lens [T]
+        int32 (step 0's context lengths; advanced in place). Returns tokens [S, T] int64. Bits as
+        S calls of ``__call__`` each followed by the argmax and the embedding. Raises MemoryError /
+        RuntimeError if the native step fails."""
+        S, T = write_blocks.shape
+        logits = torch.empty(T, self._vocab, dtype=torch.bfloat16)
+        tokens = torch.empty(S, T, dtype=torch.int64)
+        keep = torch.arange(T)
+        _check(self._steps_fn(*self._args(h, cos, sin, write_blocks, write_offsets, tables, lens, keep, logits),
+                              self.model.embed.data_ptr(), S, tokens.data_ptr()))
+        return tokens
+
+    def _args(self, h, cos, sin, wb, wo, tables, lens, keep, logits) -> tuple:
+        """decode_forward's 14 arguments (csrc/decode_forward.h)."""
+        dims = DecDims(h.shape[0], *self._dims, tables.shape[1], keep.numel(), self._vocab,
+                       torch.get_num_threads(), self.model.scale, self.model.eps)
+        return (ctypes.addressof(self._layers), ctypes.addressof(self._kv), ctypes.byref(dims),
+                h.data_ptr(), cos.data_ptr(), sin.data_ptr(), wb.data_ptr(), wo.data_ptr(),
+                tables.data_ptr(), lens.data_ptr(), keep.data_ptr(), self._norm,
+                ctypes.addressof(self._head), None if logits is None else logits.data_ptr())
+
+
+def _check(rc: int) -> None:
+    if rc == -2:
+        raise MemoryError("native decode step: out of memory")
+    if rc:
+        raise RuntimeError(f"native decode step failed (code {rc})")
 
 
 def load(cache_dir: Path) -> DecodeForwardLib | None:

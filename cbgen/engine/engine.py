@@ -1,6 +1,8 @@
 """Engine: add_request / abort / step() -> list[RequestOutput] / has_unfinished.
 
-``step`` is three verbs: schedule, execute, update. ``add_request`` and
+``step`` is three verbs: schedule, execute, update; a decode-only greedy batch may run
+several steps in one call (multi-step scheduling: scheduler.lookahead, applied one step at
+a time by ``_apply_steps``). ``add_request`` and
 ``abort`` may be called from any thread: they only queue work, which the
 stepping thread picks up at the start of its next step, so a request added
 while others decode joins at the next step.
@@ -22,7 +24,7 @@ from .architectures import as_model
 from .model import Model
 from .model_spec import eos_ids
 from .runner import ModelRunner, num_blocks_for
-from .scheduler import Scheduler
+from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from .structured import GrammarCache
 from .structured_params import StructuredOutputsParams
 from .token_bytes import TokenBytes
@@ -48,7 +50,7 @@ class EngineStats:
     num_kv_blocks: int
     prefix_hit_rate: float     # prompt tokens served from the prefix cache / prompt tokens looked up
     num_preemptions: int
-    num_steps: int
+    num_steps: int             # forwards (each step of a multi-step call counts)
     num_forward_tokens: int
     num_generated_tokens: int
 
@@ -182,7 +184,11 @@ class Engine:
         outputs += [self._output(req, new_tokens=0) for req in sched.finished]
         if sched.is_empty:
             return outputs
+        if self.config.num_scheduler_steps > 1 and self.runner.takes_steps(len(sched.scheduled)):
+            self.scheduler.lookahead(sched, self.config.num_scheduler_steps)
         result = self.runner.execute(sched)
+        if result.steps is not None:
+            return outputs + self._apply_steps(sched, result.steps)
         changed = self.scheduler.update(sched, result.token_ids, result.logprobs)
         for pl in result.prompt_logprobs:
             pl.request.add_prompt_logprobs(pl.start, pl.entries)
@@ -191,6 +197,26 @@ class Engine:
         for req in changed:
             outputs.append(self._output(req, new_tokens=1))
         return outputs
+
+    def _apply_steps(self, sched: SchedulerOutput, steps: list[list[int]]) -> list[RequestOutput]:
+        """A multi-step result, applied one step at a time as single steps would be: ``update``
+        appends each request's token and applies EOS, stop ids and length, the detokenizer stop
+        strings; a request that finished takes no more (the rest of its row is dropped). One
+        output per request for all its new tokens."""
+        reqs = [s.request for s in sched.scheduled]
+        new: dict[Request, int] = {}
+        rows = list(range(len(reqs)))
+        for step in steps:
+            one = SchedulerOutput([ScheduledRequest(reqs[j], 1, reqs[j].num_computed_tokens) for j in rows])
+            for req in self.scheduler.update(one, [step[j] for j in rows], None):
+                self._add_text(req, req.output_token_ids[-1:])
+                new[req] = new.get(req, 0) + 1
+            rows = [j for j in rows if not reqs[j].is_finished]
+            if not rows:
+                break
+        self.num_steps += len(steps)   # forwards run, the dropped ones included
+        self.num_generated_tokens += sum(new.values())
+        return [self._emit(req, req.output_token_ids[len(req.output_token_ids) - n:]) for req, n in new.items()]
 
     def _drain_inbox(self) -> list[RequestOutput]:
         with self._lock:
@@ -209,16 +235,25 @@ class Engine:
         return outputs
 
     def _output(self, req: Request, new_tokens: int) -> RequestOutput:
-        detok = self._detok[req.key]
         new_ids = req.output_token_ids[len(req.output_token_ids) - new_tokens:] if new_tokens else []
-        if new_ids:
-            stop = detok.add(new_ids)
-            if stop is not None and not req.is_finished:
-                self.scheduler.finish(req, FinishReason.STOP, stop)
-            elif stop is not None and req.finish_reason is FinishReason.LENGTH:
-                # The last allowed token completed a stop string: the text is cut there, so it
-                # is a stop, not a length cut (vLLM checks stop strings before the length).
-                req.finish_reason, req.stop_reason = FinishReason.STOP, stop
+        self._add_text(req, new_ids)
+        return self._emit(req, new_ids)
+
+    def _add_text(self, req: Request, new_ids: list[int]) -> None:
+        """Detokenize ``req``'s new tokens and finish it at a stop string."""
+        if not new_ids:
+            return
+        stop = self._detok[req.key].add(new_ids)
+        if stop is not None and not req.is_finished:
+            self.scheduler.finish(req, FinishReason.STOP, stop)
+        elif stop is not None and req.finish_reason is FinishReason.LENGTH:
+            # The last allowed token completed a stop string: the text is cut there, so it
+            # is a stop, not a length cut (vLLM checks stop strings before the length).
+            req.finish_reason, req.stop_reason = FinishReason.STOP, stop
+
+    def _emit(self, req: Request, new_ids: list[int]) -> RequestOutput:
+        """``req``'s output after ``new_ids`` (already detokenized); retires it when finished."""
+        detok = self._detok[req.key]
         if req.is_finished and req.stop_reason not in req.params.stop:
             detok.finish_text()
         delta = detok.delta(req.is_finished)

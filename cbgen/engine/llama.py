@@ -401,3 +401,14 @@ class LlamaForward:
         # After the last layer only the sampling rows matter (one per prefill chunk).
         _, x = add_norm(h[keep], mlp[keep], self.norm)
         return self.lm_head(x, tile)
+
+    @torch.inference_mode()
+    def greedy_steps(self, native, ids: torch.Tensor, positions: torch.Tensor, write_blocks: torch.Tensor,
+                     write_offsets: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """S greedy decode steps of T sequences in one native call (decode_forward.NativeDecode.steps,
+        whose argument shapes these are): ids [T] the last tokens, positions [S, T] int64 each
+        step's. The embedding and RoPE are ``forward``'s, so the tokens [S, T] are those of S
+        ``forward`` steps each followed by the sampler's argmax."""
+        h = F.embedding(ids, self.embed)
+        cos, sin = self.rotary(h.unsqueeze(0), positions.reshape(1, -1))
+        return native.steps(h, cos[0].contiguous(), sin[0].contiguous(), write_blocks, write_offsets, tables, lens)

@@ -15,7 +15,7 @@ import torch
 
 from ..config import EngineConfig, cache_root
 from . import decode_forward, fused_ops, hugepages, linear_rows, paged_kernel, quantize
-from .llama import _can_pack
+from .llama import _can_pack, kernel_takes
 from .architectures import UnsupportedModelError
 from .batch_invariant import row_tile_for
 from .attention import BatchSequence, PagedBatch, PrefillChunk
@@ -242,8 +242,38 @@ class ModelRunner:
         self.mask_worker.times.wait_s += time.perf_counter() - t0
         return masks
 
+    def takes_steps(self, num_rows: int) -> bool:
+        """Whether a decode-only step of ``num_rows`` sequences can run as several greedy steps in
+        one native call (``SchedulerOutput.num_steps``): where its single steps would take the
+        one-call native step, so the bits are the same."""
+        nd = self.native_decode
+        return nd is not None and kernel_takes(num_rows, nd.rows_max, self.row_tile)
+
+    @torch.inference_mode()
+    def _execute_steps(self, out: SchedulerOutput) -> SampleResult:
+        """``out.num_steps`` greedy decode steps of every scheduled request in one native call
+        (scheduler.lookahead gave each the KV slots). ``SampleResult.steps[i][j]`` is step i's
+        token of request j, ``token_ids`` step 0's."""
+        S, bs, null = out.num_steps, self.block_size, self.null_block
+        reqs = [s.request for s in out.scheduled]
+        starts = [s.start for s in out.scheduled]   # the position of each request's last token
+        pos = [[p + i for p in starts] for i in range(S)]
+        width = -(-(max(starts) + S) // bs)
+        tables = torch.tensor([r.block_table[:width] + [null] * (width - len(r.block_table[:width])) for r in reqs],
+                              dtype=torch.int32)
+        tokens = self.model.greedy_steps(
+            self.native_decode, torch.tensor([r.token_ids[p] for r, p in zip(reqs, starts)]), torch.tensor(pos),
+            torch.tensor([[r.block_table[q // bs] for r, q in zip(reqs, row)] for row in pos]),
+            torch.tensor([[q % bs for q in row] for row in pos]), tables,
+            torch.tensor([p + 1 for p in starts], dtype=torch.int32))
+        self.num_forward_tokens += S * len(reqs)
+        steps = tokens.tolist()
+        return SampleResult(steps[0], steps=steps)
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> SampleResult:
+        if out.num_steps > 1:
+            return self._execute_steps(out)
         input_ids, positions, keep, batch, spans = self._batch(out)
         self.num_forward_tokens += input_ids.shape[1]
         samplers = [s.request for s in out.scheduled if s.samples]

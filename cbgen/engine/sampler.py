@@ -57,6 +57,9 @@ class SampleResult:
     # warping) for rows whose request asked, else None; None when no row asked.
     logprobs: list[TokenLogprobs | None] | None = None
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)   # filled by the runner
+    # A multi-step result (SchedulerOutput.num_steps > 1): steps[i][j] is step i's token of the
+    # j-th request; token_ids is steps[0].
+    steps: list[list[int]] | None = None
 
 
 def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:

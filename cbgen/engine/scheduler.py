@@ -9,6 +9,10 @@ Each step (vLLM v1 shape):
    budget and blocks; a long prompt joins with a chunk that fits the budget.
 A request samples a token only in a step that reaches the end of its known
 tokens; a partial prefill chunk samples nothing.
+
+``lookahead`` may then turn a decode-only step into several greedy steps run in one
+forward call (multi-step scheduling, vLLM's ``num_scheduler_steps``); the engine applies
+their tokens one step at a time through ``update``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     # Finished while scheduling: a lone sequence that outgrew the whole KV pool.
     finished: list[Request] = field(default_factory=list)
+    # > 1: decode-only greedy steps run back to back in one forward call (``lookahead``).
+    num_steps: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -160,6 +166,40 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+
+    def lookahead(self, out: SchedulerOutput, max_steps: int) -> None:
+        """Let ``out`` run up to ``max_steps`` greedy decode steps in one forward call
+        (``out.num_steps``), with KV slots for all of them.
+
+        Only when every scheduled request is a decode whose next tokens the model alone fixes:
+        plain greedy (no penalties, min_tokens met), no logprobs, no grammar; and when no
+        waiting request has a free sequence slot, so a newcomer is not held back up to
+        ``max_steps`` steps. Steps are capped by
+        each request's remaining max_tokens and context (no token is computed past a length
+        finish) and by the free blocks. EOS and stop strings are found token by token as the
+        engine applies the steps; the steps computed past a request's stop are dropped (their
+        slots are freed with its blocks), up to ``max_steps - 1`` forwards of its row.
+        """
+        if ((self.waiting and len(self.running) < self.config.max_num_seqs)
+                or out.preempted or out.finished or not out.scheduled):
+            return
+        steps = max_steps
+        for s in out.scheduled:
+            req, p = s.request, s.request.params
+            if (s.num_tokens != 1 or not s.samples or not p.greedy or p.has_penalties
+                    or req.num_output_tokens < p.min_new_tokens or p.logprobs is not None or req.matcher is not None):
+                return
+            steps = min(steps, p.max_new_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens)
+        if steps <= 1:
+            return
+        bm = self.bm
+        need = sum(bm.blocks_needed(s.request.num_computed_tokens + steps) - len(s.request.block_table)
+                   for s in out.scheduled)
+        if need > bm.num_free_blocks:
+            return
+        for s in out.scheduled:
+            bm.grow(s.request, steps)
+        out.num_steps = steps
 
     def update(self, out: SchedulerOutput, sampled: list[int], logprobs: list[float] | None) -> list[Request]:
         """Advance counters by what the step computed and append sampled tokens.

@@ -50,14 +50,18 @@ class ProbeResult:
 
 
 def timed_step(engine: Engine) -> tuple[StepSample, list]:
-    """``engine.step()`` timed, with its decode rows, their context and its prefill tokens."""
+    """``engine.step()`` timed, with its decode rows, their context and its prefill tokens. A call
+    that ran several greedy steps at once (EngineConfig.num_scheduler_steps) gives their mean:
+    the ETA replays the scheduler one step at a time."""
     decoding = [s for s in engine.progress() if s.state == "decode"]
-    forwarded = engine.runner.num_forward_tokens
+    forwarded, steps = engine.runner.num_forward_tokens, engine.num_steps
     t0 = time.perf_counter()
     outputs = engine.step()
     seconds = time.perf_counter() - t0
-    prefill = engine.runner.num_forward_tokens - forwarded - len(decoding)
-    return StepSample(seconds, len(decoding), sum(s.num_computed_tokens for s in decoding), max(prefill, 0)), outputs
+    n = max(1, engine.num_steps - steps)
+    prefill = engine.runner.num_forward_tokens - forwarded - n * len(decoding)
+    return StepSample(seconds / n, len(decoding), sum(s.num_computed_tokens for s in decoding),
+                      max(prefill, 0)), outputs
 
 
 def _drain(engine: Engine, deadline: float, steps: list[StepSample], min_steps: int = 3

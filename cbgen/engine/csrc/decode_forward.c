@@ -33,6 +33,7 @@ void add_rmsnorm_bf16(uint16_t *h, const uint16_t *d, const uint16_t *w, uint16_
 void rope_qk_bf16(const uint16_t *qkv, int64_t row_stride, const uint16_t *cos, const uint16_t *sin,
                   uint16_t *q, uint16_t *k, int T, int H, int KVH, int D, int nthreads);
 void silu_mul_bf16(const uint16_t *gu, int T, int I, uint16_t *out, int nthreads);
+void argmax_rows_bf16(const uint16_t *x, int rows, int cols, int64_t *out, int nthreads);
 
 static int proj(const dec_proj *p, const uint16_t *x, int64_t ldx, int M, uint16_t *y, int nthreads) {
     /* linear_rows fails only when it cannot allocate. */
@@ -103,6 +104,35 @@ int decode_forward(const dec_layer *layers, uint16_t *const *kv, const dec_dims 
     }
     free(buf);
     return rc;
+}
+
+/* num_steps greedy decode steps of the same T rows (multi-step scheduling, vLLM's
+ * --num-scheduler-steps): step s is decode_forward over every row (d->nkeep == T, keep =
+ * 0..T-1) at cos/sin + s T D, write_blocks/offsets + s T, then tokens[s T + t] = the argmax
+ * of row t's logits (argmax_rows_bf16, as the sampler's greedy path), whose embedding row
+ * is the next step's input. lens is advanced by one per step (it ends at lens + num_steps -
+ * 1). Each step is the same calls on the same values as one step from Python followed by
+ * the sampler's argmax and F.embedding (a copy of a row), so the tokens are bit-identical
+ * to num_steps single steps (tests/test_multi_step.py). Returns as decode_forward. */
+int decode_steps(const dec_layer *layers, uint16_t *const *kv, const dec_dims *d, uint16_t *h,
+                 const uint16_t *cos, const uint16_t *sin, const int64_t *write_blocks,
+                 const int64_t *write_offsets, const int32_t *tables, int32_t *lens, const int64_t *keep,
+                 const uint16_t *final_norm, const dec_proj *head, uint16_t *logits, const uint16_t *embed,
+                 int64_t num_steps, int64_t *tokens) {
+    const int64_t T = d->T, n = d->hidden, D = d->D;
+    if (d->nkeep != T) return -1;
+    for (int64_t s = 0; s < num_steps; s++) {
+        const int rc = decode_forward(layers, kv, d, h, cos + s * T * D, sin + s * T * D, write_blocks + s * T,
+                                      write_offsets + s * T, tables, lens, keep, final_norm, head, logits);
+        if (rc) return rc;
+        argmax_rows_bf16(logits, (int)T, (int)d->vocab, tokens + s * T, (int)d->nthreads);
+        if (s + 1 == num_steps) break;
+        for (int64_t t = 0; t < T; t++) {
+            memcpy(h + t * n, embed + tokens[s * T + t] * n, sizeof(uint16_t) * n);
+            lens[t] += 1;
+        }
+    }
+    return 0;
 }
 
 /* sizeof each struct of decode_forward.h, for the ctypes mirror's check. */

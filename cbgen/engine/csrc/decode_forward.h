@@ -32,4 +32,12 @@ int decode_forward(const dec_layer *layers, uint16_t *const *kv, const dec_dims 
                    const uint16_t *cos, const uint16_t *sin, const int64_t *write_blocks,
                    const int64_t *write_offsets, const int32_t *tables, const int32_t *lens,
                    const int64_t *keep, const uint16_t *final_norm, const dec_proj *head, uint16_t *logits);
+
+/* num_steps greedy steps: decode_forward's arguments with cos/sin [num_steps, T, D] and
+ * write_blocks/offsets [num_steps, T]; embed [vocab, hidden] bf16; tokens [num_steps, T]. */
+int decode_steps(const dec_layer *layers, uint16_t *const *kv, const dec_dims *dims, uint16_t *h,
+                 const uint16_t *cos, const uint16_t *sin, const int64_t *write_blocks,
+                 const int64_t *write_offsets, const int32_t *tables, int32_t *lens, const int64_t *keep,
+                 const uint16_t *final_norm, const dec_proj *head, uint16_t *logits, const uint16_t *embed,
+                 int64_t num_steps, int64_t *tokens);
 #endif
