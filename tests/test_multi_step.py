@@ -1,7 +1,7 @@
 """Multi-step scheduling (EngineConfig.num_scheduler_steps): scheduler.lookahead gives a
 decode-only greedy step KV slots for several steps, the runner runs them in one native call
-(decode_forward.NativeDecode.steps, csrc decode_steps), the engine applies them one step at a
-time. The records equal those of single steps; tokens computed past a stop leave nothing
+(decode_forward.NativeDecode.steps, csrc decode_steps, each token from greedy_head.py), the
+engine applies them one step at a time. The records equal those of single steps; tokens computed past a stop leave nothing
 behind; only requests whose tokens the model alone fixes take it."""
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def test_same_records_as_single_steps_with_stops_inside_a_burst(loaded, monkeypa
     ref, none, _ = _run(loaded, 1, prompts, params, monkeypatch, max_num_seqs=8)
     got, calls, eng = _run(loaded, 8, prompts, params, monkeypatch, max_num_seqs=8)
     assert not none and calls and max(calls) == 8
+    assert eng.runner.native_decode.greedy_head.rows_exact > 0   # tokens from the int8 proxy + exact rows
     assert got == ref
     assert ref[2][2] == "stop" and len(ref[2][0]) <= 11 and ref[3][2] == "stop"
     assert [len(r[0]) for r in ref[:2]] == [13, 21]

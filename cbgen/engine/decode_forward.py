@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .greedy_head import GreedyHead
 from .llama import kernel_takes
 from .native_build import load_library
 
@@ -58,7 +59,7 @@ class DecodeForwardLib:
         self._fn.argtypes = [_P] * 14
         self._fn.restype = ctypes.c_int
         self._steps = lib.decode_steps
-        self._steps.argtypes = [_P] * 15 + [_L, _P]
+        self._steps.argtypes = [_P] * 15 + [_L, _P, _P]
         self._steps.restype = ctypes.c_int
 
     def bind(self, model, kv: list[tuple[torch.Tensor, torch.Tensor]],
@@ -97,6 +98,18 @@ class NativeDecode:
         # Steps the kernel takes on every projection (llama.kernel_takes, the Python forward's
         # rule too), so a step's bits do not depend on which of the two paths ran it.
         self.rows_max = min(p.rows_max for p in model.projections())
+        self.greedy_head: GreedyHead | None = None   # use_greedy_head
+
+    def use_greedy_head(self) -> bool:
+        """Let ``steps`` take each token from an int8 proxy of a bf16 LM head and a few exact rows
+        (greedy_head.py): the same tokens from about half the head's bytes. False, changing
+        nothing, when the head is not bf16 or has a bias."""
+        w, scale, bias = self.model.lm_head.rows._keep
+        if w.dtype != torch.bfloat16 or scale is not None or bias is not None:
+            return False
+        if self.greedy_head is None:
+            self.greedy_head = GreedyHead(w)
+        return True
 
     def takes(self, batch, T: int) -> bool:
         """Whether this step can run here: every row a decode row of the attention kernel, no
@@ -124,14 +137,18 @@ class NativeDecode:
         tokens; overwritten), cos/sin [S, T, D] bf16 contiguous, write_blocks/offsets [S, T] int64
         (each step's KV slot), tables [T, width] int32 covering every step's context, lens [T]
         int32 (step 0's context lengths; advanced in place). Returns tokens [S, T] int64. Bits as
-        S calls of ``__call__`` each followed by the argmax and the embedding. Raises MemoryError /
+        S calls of ``__call__`` each followed by the argmax and the embedding (also with
+        ``use_greedy_head``). Raises MemoryError /
         RuntimeError if the native step fails."""
         S, T = write_blocks.shape
-        logits = torch.empty(T, self._vocab, dtype=torch.bfloat16)
+        # Unused with the greedy head, which needs no logits.
+        logits = torch.empty(T if self.greedy_head is None else 0, self._vocab, dtype=torch.bfloat16)
         tokens = torch.empty(S, T, dtype=torch.int64)
         keep = torch.arange(T)
+        g = self.greedy_head
         _check(self._steps_fn(*self._args(h, cos, sin, write_blocks, write_offsets, tables, lens, keep, logits),
-                              self.model.embed.data_ptr(), S, tokens.data_ptr()))
+                              self.model.embed.data_ptr(), S, tokens.data_ptr(),
+                              None if g is None else ctypes.byref(g.struct)))
         return tokens
 
     def _args(self, h, cos, sin, wb, wo, tables, lens, keep, logits) -> tuple:

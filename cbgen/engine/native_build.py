@@ -32,7 +32,8 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fP
 BUILD_TIMEOUT_S = 600
 
 # Other sources linked into a library, by name: the same functions, one definition each.
-DEPS = {"decode_forward": ("linear_rows", "fused_ops", "paged_decode")}
+DEPS = {"decode_forward": ("linear_rows", "fused_ops", "paged_decode", "greedy_head"),
+        "greedy_head": ("linear_rows", "fused_ops")}
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}

@@ -103,6 +103,9 @@ class ModelRunner:
         if self.fused is not None and self.kernel is not None:
             lib = decode_forward.load(cache_root() / "kernels")
             self.native_decode = None if lib is None else lib.bind(model, self.kv, bs)[0]
+            # Multi-step calls need only each row's argmax: from an int8 proxy of a bf16 head.
+            if self.native_decode is not None and cfg.num_scheduler_steps > 1:
+                self.native_decode.use_greedy_head()
         self.num_forward_tokens = 0   # every token ever forwarded (the no-recompute check counts these)
         self.mask_worker = None       # structured.BitmaskWorker, made for the first constrained step
         # Deterministic mode's two fixes (batch_invariant.py), set together by set_deterministic:

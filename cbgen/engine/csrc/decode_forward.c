@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "decode_forward.h"
+#include "greedy_head.h"
 #include "paged_decode.h"
 
 /* linear_rows.c and fused_ops.c, linked into the same library (native_build.py DEPS). */
@@ -41,10 +42,11 @@ static int proj(const dec_proj *p, const uint16_t *x, int64_t ldx, int M, uint16
            ? -2 : 0;
 }
 
-int decode_forward(const dec_layer *layers, uint16_t *const *kv, const dec_dims *d, uint16_t *h,
-                   const uint16_t *cos, const uint16_t *sin, const int64_t *write_blocks,
-                   const int64_t *write_offsets, const int32_t *tables, const int32_t *lens,
-                   const int64_t *keep, const uint16_t *final_norm, const dec_proj *head, uint16_t *logits) {
+/* The step up to the LM head: xk [nkeep, hidden] gets the final norm's output at the kept rows. */
+static int forward_rows(const dec_layer *layers, uint16_t *const *kv, const dec_dims *d, uint16_t *h,
+                        const uint16_t *cos, const uint16_t *sin, const int64_t *write_blocks,
+                        const int64_t *write_offsets, const int32_t *tables, const int32_t *lens,
+                        const int64_t *keep, const uint16_t *final_norm, uint16_t *xk) {
     const int T = (int)d->T, n = (int)d->hidden, H = (int)d->H, KVH = (int)d->KVH, D = (int)d->D;
     const int I = (int)d->I, bs = (int)d->block_size, nt = (int)d->nthreads;
     const int64_t qkv_n = (int64_t)(H + 2 * KVH) * D;
@@ -89,16 +91,15 @@ int decode_forward(const dec_layer *layers, uint16_t *const *kv, const dec_dims 
     if (!rc && d->nkeep) {
         /* The last layer's residual add and the final norm, at the kept rows only (llama.py). */
         const int nk = (int)d->nkeep;
-        uint16_t *hk = malloc(sizeof(uint16_t) * (size_t)nk * n * 3);
+        uint16_t *hk = malloc(sizeof(uint16_t) * (size_t)nk * n * 2);
         if (!hk) rc = -2;
         else {
-            uint16_t *dk = hk + (size_t)nk * n, *xk = dk + (size_t)nk * n;
+            uint16_t *dk = hk + (size_t)nk * n;
             for (int j = 0; j < nk; j++) {
                 memcpy(hk + (size_t)j * n, h + keep[j] * n, sizeof(uint16_t) * n);
                 memcpy(dk + (size_t)j * n, delta + keep[j] * n, sizeof(uint16_t) * n);
             }
             add_rmsnorm_bf16(hk, dk, final_norm, xk, nk, n, d->eps, nt);
-            rc = proj(head, xk, n, nk, logits, nt);
             free(hk);
         }
     }
@@ -106,33 +107,57 @@ int decode_forward(const dec_layer *layers, uint16_t *const *kv, const dec_dims 
     return rc;
 }
 
+int decode_forward(const dec_layer *layers, uint16_t *const *kv, const dec_dims *d, uint16_t *h,
+                   const uint16_t *cos, const uint16_t *sin, const int64_t *write_blocks,
+                   const int64_t *write_offsets, const int32_t *tables, const int32_t *lens,
+                   const int64_t *keep, const uint16_t *final_norm, const dec_proj *head, uint16_t *logits) {
+    uint16_t *xk = malloc(sizeof(uint16_t) * (size_t)(d->nkeep ? d->nkeep : 1) * d->hidden);
+    if (!xk) return -2;
+    int rc = forward_rows(layers, kv, d, h, cos, sin, write_blocks, write_offsets, tables, lens, keep,
+                          final_norm, xk);
+    if (!rc && d->nkeep) rc = proj(head, xk, d->hidden, (int)d->nkeep, logits, (int)d->nthreads);
+    free(xk);
+    return rc;
+}
+
 /* num_steps greedy decode steps of the same T rows (multi-step scheduling, vLLM's
  * --num-scheduler-steps): step s is decode_forward over every row (d->nkeep == T, keep =
  * 0..T-1) at cos/sin + s T D, write_blocks/offsets + s T, then tokens[s T + t] = the argmax
  * of row t's logits (argmax_rows_bf16, as the sampler's greedy path), whose embedding row
- * is the next step's input. lens is advanced by one per step (it ends at lens + num_steps -
- * 1). Each step is the same calls on the same values as one step from Python followed by
- * the sampler's argmax and F.embedding (a copy of a row), so the tokens are bit-identical
- * to num_steps single steps (tests/test_multi_step.py). Returns as decode_forward. */
+ * is the next step's input. With g (greedy_head.c) the argmax comes from g instead of the
+ * head projection and logits: the same token, from about half the head's bytes; logits is
+ * then unused. lens is advanced by one per step (it ends at lens + num_steps - 1). Each
+ * step is the same calls on the same values as one step from Python followed by the
+ * sampler's argmax and F.embedding (a copy of a row), so the tokens are bit-identical to
+ * num_steps single steps (tests/test_multi_step.py). Returns as decode_forward. */
 int decode_steps(const dec_layer *layers, uint16_t *const *kv, const dec_dims *d, uint16_t *h,
                  const uint16_t *cos, const uint16_t *sin, const int64_t *write_blocks,
                  const int64_t *write_offsets, const int32_t *tables, int32_t *lens, const int64_t *keep,
                  const uint16_t *final_norm, const dec_proj *head, uint16_t *logits, const uint16_t *embed,
-                 int64_t num_steps, int64_t *tokens) {
+                 int64_t num_steps, int64_t *tokens, greedy_head *g) {
     const int64_t T = d->T, n = d->hidden, D = d->D;
+    const int nt = (int)d->nthreads;
     if (d->nkeep != T) return -1;
-    for (int64_t s = 0; s < num_steps; s++) {
-        const int rc = decode_forward(layers, kv, d, h, cos + s * T * D, sin + s * T * D, write_blocks + s * T,
-                                      write_offsets + s * T, tables, lens, keep, final_norm, head, logits);
-        if (rc) return rc;
-        argmax_rows_bf16(logits, (int)T, (int)d->vocab, tokens + s * T, (int)d->nthreads);
-        if (s + 1 == num_steps) break;
+    uint16_t *xk = malloc(sizeof(uint16_t) * (size_t)T * n);
+    if (!xk) return -2;
+    int rc = 0;
+    for (int64_t s = 0; s < num_steps && !rc; s++) {
+        rc = forward_rows(layers, kv, d, h, cos + s * T * D, sin + s * T * D, write_blocks + s * T,
+                          write_offsets + s * T, tables, lens, keep, final_norm, xk);
+        if (rc) break;
+        if (g) {
+            rc = greedy_head_argmax(g, xk, n, (int)T, tokens + s * T, nt);
+        } else if (!(rc = proj(head, xk, n, (int)T, logits, nt))) {
+            argmax_rows_bf16(logits, (int)T, (int)d->vocab, tokens + s * T, nt);
+        }
+        if (rc || s + 1 == num_steps) break;
         for (int64_t t = 0; t < T; t++) {
             memcpy(h + t * n, embed + tokens[s * T + t] * n, sizeof(uint16_t) * n);
             lens[t] += 1;
         }
     }
-    return 0;
+    free(xk);
+    return rc;
 }
 
 /* sizeof each struct of decode_forward.h, for the ctypes mirror's check. */

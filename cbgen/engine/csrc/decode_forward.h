@@ -5,6 +5,8 @@
 #define CBGEN_DECODE_FORWARD_H
 #include <stdint.h>
 
+#include "greedy_head.h"
+
 /* One projection y = x W^T (* scale) + bias, as linear_rows.c takes it. */
 typedef struct {
     const void *w;          /* [N, K] bf16 or int8 */
@@ -34,10 +36,11 @@ int decode_forward(const dec_layer *layers, uint16_t *const *kv, const dec_dims 
                    const int64_t *keep, const uint16_t *final_norm, const dec_proj *head, uint16_t *logits);
 
 /* num_steps greedy steps: decode_forward's arguments with cos/sin [num_steps, T, D] and
- * write_blocks/offsets [num_steps, T]; embed [vocab, hidden] bf16; tokens [num_steps, T]. */
+ * write_blocks/offsets [num_steps, T]; embed [vocab, hidden] bf16; tokens [num_steps, T];
+ * g: the head's greedy_head, or NULL for the head projection and argmax_rows_bf16. */
 int decode_steps(const dec_layer *layers, uint16_t *const *kv, const dec_dims *dims, uint16_t *h,
                  const uint16_t *cos, const uint16_t *sin, const int64_t *write_blocks,
                  const int64_t *write_offsets, const int32_t *tables, int32_t *lens, const int64_t *keep,
                  const uint16_t *final_norm, const dec_proj *head, uint16_t *logits, const uint16_t *embed,
-                 int64_t num_steps, int64_t *tokens);
+                 int64_t num_steps, int64_t *tokens, greedy_head *g);
 #endif
