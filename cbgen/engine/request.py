@@ -97,6 +97,13 @@ class Request:
         return self.num_computed_tokens >= len(self.prompt_token_ids)
 
     @property
+    def plain_greedy(self) -> bool:
+        """Its next token is the argmax of the raw logits: greedy, no penalties, and its
+        ``min_new_tokens`` met (no stop token to suppress)."""
+        p = self.params
+        return p.greedy and not p.has_penalties and self.num_output_tokens >= p.min_new_tokens
+
+    @property
     def needs_prompt_logprobs(self) -> bool:
         """Prompt logprobs asked for and not all computed yet: the runner keeps the logits
         of those prompt positions, and the prefix cache must not skip them."""

@@ -126,11 +126,6 @@ def _noise(probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     return q
 
 
-def _plain_greedy(r: Request) -> bool:
-    p = r.params
-    return p.greedy and not p.has_penalties and r.num_output_tokens >= p.min_new_tokens
-
-
 def sample(logits: torch.Tensor, reqs: list[Request],
            argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
            masks: GrammarMasks | None = None) -> SampleResult:
@@ -159,7 +154,7 @@ def _sample_tokens(logits: torch.Tensor, reqs: list[Request],
                    masks: GrammarMasks | None = None) -> list[int]:
     if masks is not None:
         _apply_grammar(logits, masks)
-    if argmax is not None and logits.dtype == torch.bfloat16 and all(_plain_greedy(r) for r in reqs):
+    if argmax is not None and logits.dtype == torch.bfloat16 and all(r.plain_greedy for r in reqs):
         return argmax(logits.contiguous()).tolist()
     logits = logits.float()
     if any(r.params.has_penalties for r in reqs):

@@ -171,29 +171,28 @@ class Scheduler:
         """Let ``out`` run up to ``max_steps`` greedy decode steps in one forward call
         (``out.num_steps``), with KV slots for all of them.
 
-        Only when every scheduled request is a decode whose next tokens the model alone fixes:
-        plain greedy (no penalties, min_tokens met), no logprobs, no grammar; and when no
-        waiting request has a free sequence slot, so a newcomer is not held back up to
-        ``max_steps`` steps. Steps are capped by
-        each request's remaining max_tokens and context (no token is computed past a length
-        finish) and by the free blocks. EOS and stop strings are found token by token as the
-        engine applies the steps; the steps computed past a request's stop are dropped (their
-        slots are freed with its blocks), up to ``max_steps - 1`` forwards of its row.
+        Only when every scheduled request is a decode whose next tokens the model alone fixes
+        (``Request.plain_greedy``, no logprobs, no grammar), and when no waiting request has a
+        free sequence slot, so a newcomer is not held back up to ``max_steps`` steps. Steps are
+        capped by each request's remaining max_tokens and context (no token is computed past a
+        length finish) and by the free blocks. EOS and stop strings are found token by token as
+        the engine applies the steps; the steps computed past a request's stop are dropped
+        (their slots are freed with its blocks), up to ``max_steps - 1`` forwards of its row.
         """
         if ((self.waiting and len(self.running) < self.config.max_num_seqs)
                 or out.preempted or out.finished or not out.scheduled):
             return
         steps = max_steps
         for s in out.scheduled:
-            req, p = s.request, s.request.params
-            if (s.num_tokens != 1 or not s.samples or not p.greedy or p.has_penalties
-                    or req.num_output_tokens < p.min_new_tokens or p.logprobs is not None or req.matcher is not None):
+            req = s.request
+            if (s.num_tokens != 1 or not s.samples or not req.plain_greedy or req.params.logprobs is not None
+                    or req.matcher is not None):
                 return
-            steps = min(steps, p.max_new_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens)
+            steps = min(steps, req.params.max_new_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens)
         if steps <= 1:
             return
         bm = self.bm
-        need = sum(bm.blocks_needed(s.request.num_computed_tokens + steps) - len(s.request.block_table)
+        need = sum(max(0, bm.blocks_needed(s.request.num_computed_tokens + steps) - len(s.request.block_table))
                    for s in out.scheduled)
         if need > bm.num_free_blocks:
             return
