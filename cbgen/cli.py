@@ -179,8 +179,8 @@ def run(
     deterministic: bool = DeterministicOpt,
     num_scheduler_steps: int = typer.Option(
         EngineConfig.num_scheduler_steps, "--num-scheduler-steps",
-        help="Greedy decode steps run in one native call while at most ~8 sequences run and none waits "
-             "(same tokens, bursts of this many; 1: off)."),
+        help="1-256: greedy decode steps run in one native call while at most ~8 sequences run, all greedy, "
+             "and no waiting request has a free slot (same tokens, bursts of this many; 1: off)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary on stderr."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Live view on stderr (default: when stderr is a terminal)."),

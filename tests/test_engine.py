@@ -324,7 +324,9 @@ def test_stop_string_across_token_boundary(sharp, tok):
 
     for include in (False, True):
         eng = engine(sharp)
-        eng.add_request("s", p, greedy(n, stop=[stop, "never-there"], include_stop_str_in_output=include))
+        # EOS suppressed as in ``base`` through token k + 1, which completes the stop string.
+        eng.add_request("s", p, SamplingParams(max_new_tokens=n, min_new_tokens=k + 2, stop=[stop, "never-there"],
+                                               include_stop_str_in_output=include))
         streamed = ""
         while eng.has_unfinished:
             for o in eng.step():
@@ -335,6 +337,11 @@ def test_stop_string_across_token_boundary(sharp, tok):
         assert o.token_ids == base.token_ids[:k + 2]
         assert o.text == streamed == (text[:at + len(stop)] if include else text[:at])
         assert eng.block_manager.all_free()
+
+    # Below min_new_tokens a stop string does not end the output (vLLM's min_tokens), as EOS
+    # and stop ids do not.
+    o = engine(sharp).generate([p], greedy(n, stop=[stop]))[0]
+    assert len(o.token_ids) > k + 2 and o.token_ids[:k + 2] == base.token_ids[:k + 2]
 
 
 # ---- validation ---------------------------------------------------------------

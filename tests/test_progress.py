@@ -60,3 +60,4 @@ def test_forced_progress_goes_to_stderr_only(tmp_path, tiny_model_dir):
     assert r.exit_code == 0, r.stderr
     assert all(json.loads(line) for line in r.stdout.splitlines())  # records only
     assert "4 requests" in r.stderr  # the summary line
+    assert "running" in r.stderr and "\x1b[" in r.stderr   # the view's frames, though stderr is no terminal

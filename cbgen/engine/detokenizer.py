@@ -30,8 +30,11 @@ class Detokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def add(self, new_ids: list[int]) -> str | None:
-        """Append tokens; returns the stop string if one now occurs in the text."""
+    def add(self, new_ids: list[int], find_stop: bool = True) -> str | None:
+        """Append tokens; returns the stop string if one now occurs in the text. ``find_stop``
+        False (``min_new_tokens`` not reached): the new text is not searched, and later searches
+        start near their own new text, so a stop string inside it never ends the output (vLLM's
+        min_tokens: stop strings are only checked once the output is that long)."""
         self.token_ids.extend(new_ids)
         self.offsets.extend([len(self.text)] * len(new_ids))
         prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
@@ -40,7 +43,7 @@ class Detokenizer:
             old_len = len(self.text)
             self.text += full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-            return self._find_stop(old_len)
+            return self._find_stop(old_len) if find_stop else None
         return None
 
     def _find_stop(self, old_len: int) -> str | None:

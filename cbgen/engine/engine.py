@@ -240,10 +240,11 @@ class Engine:
         return self._emit(req, new_ids)
 
     def _add_text(self, req: Request, new_ids: list[int]) -> None:
-        """Detokenize ``req``'s new tokens and finish it at a stop string."""
+        """Detokenize ``req``'s new tokens and finish it at a stop string (once ``min_new_tokens``
+        are out, as EOS and stop ids)."""
         if not new_ids:
             return
-        stop = self._detok[req.key].add(new_ids)
+        stop = self._detok[req.key].add(new_ids, find_stop=req.num_output_tokens >= req.params.min_new_tokens)
         if stop is not None and not req.is_finished:
             self.scheduler.finish(req, FinishReason.STOP, stop)
         elif stop is not None and req.finish_reason is FinishReason.LENGTH:

@@ -151,7 +151,10 @@ class BatchRun:
         input_done = read_failed = False
         with out_cm as stream, StopSignals() as sig, driver:
             writer = make_writer(opts.fmt, stream)
-            live = Live(view.render(), console=self.err, refresh_per_second=8, transient=True) if show else nullcontext()
+            # --progress on a stderr that is not a terminal: Rich would draw nothing there, so the
+            # view gets a console that writes its frames anyway (for `script`, `less -R`, logs).
+            console = self.err if self.err.is_terminal else Console(file=self.err.file, force_terminal=True)
+            live = Live(view.render(), console=console, refresh_per_second=8, transient=True) if show else nullcontext()
             try:
                 with live:
                     while True:
