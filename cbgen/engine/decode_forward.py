@@ -12,9 +12,9 @@ compiler). ``lib.bind(model, kv)`` returns a ``NativeDecode`` for a llama.LlamaF
 bf16 whose every projection takes the few-row GEMM (at every row count, or, where oneDNN packs
 bf16, up to quantize.PACKED_BF16_ROWS_MAX rows), over the runner's KV pool ``kv``, or None and
 the reason. The forward uses it for steps whose rows are all decode rows of the attention
-kernel and no more than every projection's kernel takes (``NativeDecode.takes``). ``NativeDecode.steps`` runs several greedy steps
-in one call (csrc decode_steps: argmax and the next token's embedding in C), for the
-runner's multi-step path (scheduler.lookahead).
+kernel and no more than every projection's kernel takes (``NativeDecode.takes``).
+``NativeDecode.steps`` runs several greedy steps in one call (csrc decode_steps: argmax and
+the next token's embedding in C), for the runner's multi-step path (scheduler.lookahead).
 """
 
 from __future__ import annotations
@@ -138,8 +138,7 @@ class NativeDecode:
         (each step's KV slot), tables [T, width] int32 covering every step's context, lens [T]
         int32 (step 0's context lengths; advanced in place). Returns tokens [S, T] int64. Bits as
         S calls of ``__call__`` each followed by the argmax and the embedding (also with
-        ``use_greedy_head``). Raises MemoryError /
-        RuntimeError if the native step fails."""
+        ``use_greedy_head``). Raises MemoryError / RuntimeError if the native step fails."""
         S, T = write_blocks.shape
         # Unused with the greedy head, which needs no logits.
         logits = torch.empty(T if self.greedy_head is None else 0, self._vocab, dtype=torch.bfloat16)

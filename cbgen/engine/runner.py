@@ -190,9 +190,7 @@ class ModelRunner:
         tables = lens = mask = pad = None
         if dec_lens:
             width = -(-max(dec_lens) // bs)
-            null = self.null_block
-            tables = torch.tensor([t[:width] + [null] * (width - len(t[:width])) for t in dec_tables],
-                                  dtype=torch.int32, device=dev)
+            tables = self._decode_tables(dec_tables, width)
             lens = torch.tensor(dec_lens, dtype=torch.int32, device=dev)
             if self.kernel is None:
                 j = torch.arange(width * bs, device=dev)
@@ -211,6 +209,13 @@ class ModelRunner:
                            tuple(sequences), row_tile=self.row_tile, native_decode=self.native_decode)
         return (torch.tensor(ids, device=dev).unsqueeze(0), torch.tensor(pos, device=dev).unsqueeze(0),
                 torch.tensor(keep + prompt_rows, dtype=torch.long, device=dev), batch, spans)
+
+    def _decode_tables(self, tables: list[list[int]], width: int) -> torch.Tensor:
+        """[len(tables), width] int32: each block table cut or padded to ``width`` with the null
+        block (the kernel never reads past a row's length)."""
+        null = self.null_block
+        return torch.tensor([t[:width] + [null] * (width - len(t[:width])) for t in tables],
+                            dtype=torch.int32, device=self.device)
 
     def _start_masks(self, samplers: list) -> tuple[GrammarMasks, object] | None:
         """Start filling the grammar bitmasks of this step's constrained rows on the
@@ -257,13 +262,12 @@ class ModelRunner:
         """``out.num_steps`` greedy decode steps of every scheduled request in one native call
         (scheduler.lookahead gave each the KV slots). ``SampleResult.steps[i][j]`` is step i's
         token of request j, ``token_ids`` step 0's."""
-        S, bs, null = out.num_steps, self.block_size, self.null_block
+        S, bs = out.num_steps, self.block_size
         reqs = [s.request for s in out.scheduled]
         starts = [s.start for s in out.scheduled]   # the position of each request's last token
         pos = [[p + i for p in starts] for i in range(S)]
         width = -(-(max(starts) + S) // bs)
-        tables = torch.tensor([r.block_table[:width] + [null] * (width - len(r.block_table[:width])) for r in reqs],
-                              dtype=torch.int32)
+        tables = self._decode_tables([r.block_table for r in reqs], width)
         tokens = self.model.greedy_steps(
             self.native_decode, torch.tensor([r.token_ids[p] for r, p in zip(reqs, starts)]), torch.tensor(pos),
             torch.tensor([[r.block_table[q // bs] for r, q in zip(reqs, row)] for row in pos]),
