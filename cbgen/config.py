@@ -156,15 +156,17 @@ class SamplingParams:
 class EngineConfig:
     """Engine capacity. Token budgets bound the work of one step (one forward)."""
 
-    # Running sequences at once. 128, not 64: on the real workload (128 dev prompts,
-    # natural EOS) 128 was +10-29% tok/s and -10-20% CPU time (NOTES.md, change 9),
-    # because the drain of a second wave at low concurrency disappears and the
-    # weights are streamed once per step for twice the rows.
-    max_num_seqs: int = 128
+    # Running sequences at once. 256 (vLLM's default too), not 128: on the 271 dev prompts
+    # (natural EOS) 128 spent more than half the run draining at 16-127 rows once the
+    # queue was empty; 256 starts nearly every request at once (NOTES.md changes 9 and 20).
+    # Bigger batches are cheaper per token here: the weights are streamed once per step.
+    max_num_seqs: int = 256
     max_num_batched_tokens: int = 512    # tokens in one forward (prefill chunks + decodes)
     block_size: int = 16                 # tokens per KV block
     num_kv_blocks: int | None = None     # None: derived from kv_cache_gb and the model
-    kv_cache_gb: float = 1.0             # memory budget for the KV pool when num_kv_blocks is None
+    # Memory budget for the KV pool when num_kv_blocks is None. 2 GiB holds 256 sequences of
+    # ~350 tokens of SmolLM2-135M without preemption. Pages are touched only as blocks are used.
+    kv_cache_gb: float = 2.0
     enable_prefix_caching: bool = True
     max_model_len: int | None = None     # None: the model's context length
     long_prefill_token_threshold: int = 0  # >0: cap a single prefill chunk below the budget

@@ -201,8 +201,9 @@ def test_engine_uses_the_fallback_without_prefix_caching_or_pool(tiny):
     assert not eng.block_manager.enable_prefix_caching and not eng.config.enable_prefix_caching
     assert eng.runner.kv == [] and eng.runner.kernel is None
     # The block manager bounds the fallback's own caches: kv_cache_gb / (bytes per token * block size).
-    assert eng.block_manager.num_blocks == min(2**30 // (fb.spec.kv_bytes_per_token * BLOCK),
-                                               128 * -(-1024 // BLOCK) + 1)
+    cfg = eng.config
+    assert eng.block_manager.num_blocks == min(int(cfg.kv_cache_gb * 2**30) // (fb.spec.kv_bytes_per_token * BLOCK),
+                                               cfg.max_num_seqs * -(-1024 // BLOCK) + 1)
     with pytest.raises(UnsupportedModelError, match="attention='native' is unavailable"):
         _engine(model, tok, attention="native")
     with pytest.raises(UnsupportedModelError, match=f"impl='native' is unavailable: model type '{model.config.model_type}' has no native"):

@@ -133,3 +133,31 @@ def test_rope_is_bit_identical_to_the_torch_ops(ops, T):
     assert torch.equal(q, _rope(qkv[:, :H * D].view(T, H, D), cos.unsqueeze(1), sin.unsqueeze(1)))
     assert torch.equal(k, _rope(qkv[:, H * D:(H + KVH) * D].view(T, KVH, D), cos.unsqueeze(1), sin.unsqueeze(1)))
     assert q.is_contiguous() and k.is_contiguous()
+
+
+@pytest.mark.parametrize("T", [1, 5, 40, 200])
+def test_kv_write_is_the_torch_index_writes(ops, T):
+    """write_kv puts each token's K/V where attention.py's torch writes do, bit for bit; v may be a
+    strided view (the q/k/v projection's value columns); untouched slots keep their old bits."""
+    g = torch.Generator().manual_seed(T)
+    KVH, D, bs, nb = 3, 64, 16, 40
+    k = torch.randn(T, KVH, D, generator=g).bfloat16()
+    qkv = torch.randn(T, (9 + 2 * KVH) * D, generator=g).bfloat16()
+    v = qkv[:, (9 + KVH) * D:].view(T, KVH, D)                      # strided rows, as in the forward
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    blocks, offsets = slots // bs, slots % bs
+    k_cache = torch.randn(nb, KVH, D, bs, generator=g).bfloat16()
+    v_cache = torch.randn(nb * bs, KVH, D, generator=g).bfloat16()
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref_k[blocks, :, :, offsets] = k
+    ref_v.index_copy_(0, slots, v)
+    assert ops.can_write_kv(k, v, k_cache)
+    ops.write_kv(k, v, k_cache, v_cache, blocks, offsets)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+
+
+def test_kv_write_refuses_what_it_cannot_take(ops):
+    k = torch.randn(4, 3, 64).bfloat16()
+    assert not ops.can_write_kv(k.float(), k.float(), torch.zeros(2, 3, 64, 16))          # float32
+    assert not ops.can_write_kv(k.transpose(0, 1).contiguous().transpose(0, 1), k,        # heads not adjacent
+                                torch.zeros(2, 3, 64, 16, dtype=torch.bfloat16))

@@ -1,13 +1,14 @@
 """Native bf16 ops (csrc/fused_ops.c): residual add + RMSNorm for llama layers (one
 pass instead of 9 torch ops, twice per layer), RoPE on q and k (one pass instead of
-~10 ops), the MLP's SiLU(gate) * up, and the greedy argmax over bf16 logits (no float32
+~10 ops), the K/V write into the paged pool (threaded, instead of torch's index_put_ and
+index_copy_), the MLP's SiLU(gate) * up, and the greedy argmax over bf16 logits (no float32
 copy of [rows, vocab]).
 
 Contract: ``load()`` returns a ``FusedOps`` or None (switched off, no compiler:
 the forward keeps its torch ops). Only bfloat16 on CPU: float32 models keep the
 torch ops, whose bit-for-bit parity with transformers is the fidelity check.
-The norm and SiLU * up match the torch ops they replace up to an occasional bf16 ulp; RoPE
-and the argmax match exactly (tests/test_fused_ops.py).
+The norm and SiLU * up match the torch ops they replace up to an occasional bf16 ulp; RoPE,
+the K/V write and the argmax match exactly (tests/test_fused_ops.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class FusedOps:
         self._silu_mul = lib.silu_mul_bf16
         self._silu_mul.argtypes = [_P, _I, _I, _P, _I]
         self._silu_mul.restype = None
+        self._kv_write = lib.kv_write_bf16
+        self._kv_write.argtypes = [_P, ctypes.c_int64, _P, ctypes.c_int64, _P, _P, _P, _P, _I, _I, _I, _I, _I]
+        self._kv_write.restype = None
         self._argmax = lib.argmax_rows_bf16
         self._argmax.argtypes = [_P, _I, _I, _P, _I]
         self._argmax.restype = None
@@ -61,6 +65,26 @@ class FusedOps:
         self._rope(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(),
                    T, num_heads, num_kv_heads, D, torch.get_num_threads())
         return q, k
+
+    @staticmethod
+    def can_write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        """Whether ``write_kv`` takes these: bf16 CPU tensors whose [KVH, D] token rows are contiguous."""
+        return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (k, v, k_cache)) and all(
+            t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v))
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 write_blocks: torch.Tensor, write_offsets: torch.Tensor) -> None:
+        """``k_cache[write_blocks, :, :, write_offsets] = k`` and ``v_cache[write_blocks * bs + write_offsets] = v``
+        (attention.py's pool layout: k_cache [num_blocks, KVH, D, bs], v_cache [num_blocks * bs, KVH, D]).
+        k, v: [T, KVH, D] bf16 with contiguous token rows (``can_write_kv``); write_blocks/offsets: int64 [T],
+        distinct slots, in range (not checked)."""
+        T, KVH, D = k.shape
+        bs = k_cache.shape[3]
+        assert self.can_write_kv(k, v, k_cache) and v.shape == k.shape and k_cache.is_contiguous()
+        assert v_cache.is_contiguous() and write_blocks.dtype == write_offsets.dtype == torch.int64
+        assert write_blocks.is_contiguous() and write_offsets.is_contiguous() and write_blocks.shape[0] == T
+        self._kv_write(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                       write_blocks.data_ptr(), write_offsets.data_ptr(), T, KVH, D, bs, torch.get_num_threads())
 
     def silu_mul(self, gu: torch.Tensor, intermediate: int) -> torch.Tensor:
         """The llama MLP's ``F.silu(gu[:, :I]) * gu[:, I:]`` for gu [T, 2I] contiguous bf16 -> [T, I] bf16,

@@ -34,6 +34,9 @@ void add_rmsnorm_bf16(uint16_t *h, const uint16_t *d, const uint16_t *w, uint16_
 void rope_qk_bf16(const uint16_t *qkv, int64_t row_stride, const uint16_t *cos, const uint16_t *sin,
                   uint16_t *q, uint16_t *k, int T, int H, int KVH, int D, int nthreads);
 void silu_mul_bf16(const uint16_t *gu, int T, int I, uint16_t *out, int nthreads);
+void kv_write_bf16(const uint16_t *k, int64_t k_stride, const uint16_t *v, int64_t v_stride, uint16_t *k_cache,
+                   uint16_t *v_cache, const int64_t *write_blocks, const int64_t *write_offsets, int T, int KVH,
+                   int D, int bs, int nthreads);
 void argmax_rows_bf16(const uint16_t *x, int rows, int cols, int64_t *out, int nthreads);
 
 static int proj(const dec_proj *p, const uint16_t *x, int64_t ldx, int M, uint16_t *y, int nthreads) {
@@ -68,16 +71,8 @@ static int forward_rows(const dec_layer *layers, uint16_t *const *kv, const dec_
         if ((rc = proj(&L->qkv, x, n, T, qkv, nt))) break;
         rope_qk_bf16(qkv, qkv_n, cos, sin, q, k, T, H, KVH, D, nt);
         /* Write first: a query attends to its own token (attention.py attend). */
-        for (int t = 0; t < T; t++) {
-            const int64_t blk = write_blocks[t], off = write_offsets[t];
-            for (int g = 0; g < KVH; g++) {
-                uint16_t *kd = kc + ((blk * KVH + g) * D) * bs + off;
-                const uint16_t *ks = k + ((size_t)t * KVH + g) * D;
-                for (int e = 0; e < D; e++) kd[(int64_t)e * bs] = ks[e];
-            }
-            memcpy(vc + (blk * bs + off) * KVH * D, qkv + (size_t)t * qkv_n + (size_t)(H + KVH) * D,
-                   sizeof(uint16_t) * KVH * D);
-        }
+        kv_write_bf16(k, (int64_t)KVH * D, qkv + (size_t)(H + KVH) * D, qkv_n, kc, vc, write_blocks, write_offsets,
+                      T, KVH, D, bs, nt);
         if ((rc = paged_decode_bf16(q, kc, vc, attn, tables, (int)d->table_stride, lens, (int)L->window, T,
                                     H, KVH, D, bs, d->scale, nt)))
             break;

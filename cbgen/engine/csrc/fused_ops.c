@@ -100,6 +100,28 @@ void rope_qk_bf16(const uint16_t *qkv, int64_t row_stride, const uint16_t *cos, 
     }
 }
 
+/* The K/V write of a step into one layer's paged pool (attention.py's layout): token t's
+ * keys k[t] [KVH, D] go to k_cache[write_blocks[t], :, :, write_offsets[t]] (token-minor:
+ * element (g, e) at ((blk * KVH + g) * D + e) * bs + off) and its values v[t] [KVH, D] to
+ * row blk * bs + off of v_cache [num_blocks * bs, KVH, D]. k and v rows are KVH * D
+ * contiguous elements, k_stride / v_stride apart (v is a view into the q/k/v projection).
+ * Slots are distinct per token, so rows are written in parallel. Replaces torch's
+ * single-threaded index_put_ and index_copy_ (~0.17 ms a layer at 128 rows). */
+void kv_write_bf16(const uint16_t *k, int64_t k_stride, const uint16_t *v, int64_t v_stride,
+                   uint16_t *k_cache, uint16_t *v_cache, const int64_t *write_blocks,
+                   const int64_t *write_offsets, int T, int KVH, int D, int bs, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (T >= 32)
+    for (int t = 0; t < T; t++) {
+        const int64_t blk = write_blocks[t], off = write_offsets[t];
+        const uint16_t *ks = k + (size_t)t * k_stride;
+        for (int g = 0; g < KVH; g++) {
+            uint16_t *kd = k_cache + ((blk * KVH + g) * D) * bs + off;
+            for (int e = 0; e < D; e++) kd[(int64_t)e * bs] = ks[(size_t)g * D + e];
+        }
+        memcpy(v_cache + (blk * bs + off) * KVH * D, v + (size_t)t * v_stride, sizeof(uint16_t) * KVH * D);
+    }
+}
+
 /* 16 elements of out = bf16(bf16(silu(g)) * u), silu(g) = g * sigmoid(g) with
  * sigmoid(g) = 1 / (1 + e) for g >= 0 and e / (1 + e) below, e = exp(-|g|) (never overflows). */
 static inline void silu_mul16(const uint16_t *g, const uint16_t *u, uint16_t *out) {
