@@ -66,10 +66,15 @@ def _load(model: str | None, dtype: str, threads: int | None, chat_template: str
     return loaded
 
 
-def _engine_config(max_num_seqs: int, max_batched_tokens: int, kv_cache_gb: float, prefix_cache: bool,
+def _engine_config(max_num_seqs: int | None, max_batched_tokens: int, kv_cache_gb: float, prefix_cache: bool,
                    attention: str = "auto", deterministic: bool = False,
                    num_scheduler_steps: int = EngineConfig.num_scheduler_steps) -> EngineConfig:
-    """Validated before the model loads, so a bad option fails in milliseconds."""
+    """Validated before the model loads, so a bad option fails in milliseconds. ``max_num_seqs``
+    None: the default, lowered to ``max_batched_tokens`` when that is smaller (every running
+    sequence needs a token of the step's budget), so ``--max-batched-tokens 128`` alone works."""
+    if max_num_seqs is None:
+        max_num_seqs = min(EngineConfig.max_num_seqs, max_batched_tokens) if max_batched_tokens >= 1 \
+            else EngineConfig.max_num_seqs
     try:
         return EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens,
                             kv_cache_gb=kv_cache_gb, enable_prefix_caching=prefix_cache, attention=attention,
@@ -168,8 +173,9 @@ def run(
     regex: Optional[str] = typer.Option(None, "--regex", help="Constrain outputs to match this regex."),
     choice: Optional[str] = typer.Option(None, "--choice", help="Constrain outputs to one of these labels: a,b,c."),
     grammar: Optional[str] = typer.Option(None, "--grammar", help="Constrain outputs to this Lark (or GBNF) grammar file."),
-    max_num_seqs: int = typer.Option(EngineConfig.max_num_seqs, "--max-num-seqs",
-                                      help="Sequences decoding at once."),
+    max_num_seqs: Optional[int] = typer.Option(
+        None, "--max-num-seqs", show_default=False,
+        help=f"Sequences decoding at once [default: {EngineConfig.max_num_seqs}, or --max-batched-tokens if lower]."),
     max_batched_tokens: int = typer.Option(EngineConfig.max_num_batched_tokens, "--max-batched-tokens",
                                            help="Token budget of one step."),
     kv_cache_gb: float = typer.Option(EngineConfig.kv_cache_gb, "--kv-cache-gb", help="Memory for the KV cache pool."),

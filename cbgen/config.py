@@ -6,6 +6,8 @@ value given and the allowed range, so front-ends can show it as one line.
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import functools
 import os
@@ -200,8 +202,8 @@ class EngineConfig:
                "block_size", self.block_size, "an integer in [1, 1024]")
         _check(self.num_kv_blocks is None or (_is_int(self.num_kv_blocks) and self.num_kv_blocks >= 1),
                "num_kv_blocks", self.num_kv_blocks, "null or an integer >= 1")
-        _check(_is_num(self.kv_cache_gb) and self.kv_cache_gb > 0,
-               "kv_cache_gb", self.kv_cache_gb, "a number > 0")
+        _check(_is_num(self.kv_cache_gb) and 0 < self.kv_cache_gb < math.inf,
+               "kv_cache_gb", self.kv_cache_gb, "a finite number > 0")
         _check(self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 2),
                "max_model_len", self.max_model_len, "null or an integer >= 2")
         _check(_is_int(self.long_prefill_token_threshold) and self.long_prefill_token_threshold >= 0,

@@ -156,6 +156,20 @@ def test_missing_input_file_is_one_line_error(base_args):
 
 # ---- real processes ---------------------------------------------------------
 
+def test_a_small_step_budget_lowers_the_default_batch_and_bad_pools_fail_in_one_line(tmp_path, base_args):
+    """--max-batched-tokens below the default --max-num-seqs (256) lowers the default batch
+    instead of failing; an explicit --max-num-seqs above the budget and a non-finite
+    --kv-cache-gb are one-line usage errors."""
+    p = _write(tmp_path, "in.jsonl", ['{"prompt": "Hi", "max_tokens": 2}'])
+    r = _run([str(p), *base_args, "--max-batched-tokens", "64"])
+    assert r.exit_code == 0 and len(_records(r.stdout)) == 1
+    r = _run([str(p), *base_args, "--max-batched-tokens", "64", "--max-num-seqs", "128"])
+    assert r.exit_code == 2 and "max_num_batched_tokens=64" in r.stderr and "max_num_seqs (128)" in r.stderr
+    for gb in ("inf", "nan", "0"):
+        r = _run([str(p), *base_args, "--kv-cache-gb", gb])
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "kv_cache_gb" in r.stderr
+
+
 def _popen(args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([*CBGEN, "run", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
