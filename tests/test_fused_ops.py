@@ -151,13 +151,16 @@ def test_kv_write_is_the_torch_index_writes(ops, T):
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     ref_k[blocks, :, :, offsets] = k
     ref_v.index_copy_(0, slots, v)
-    assert ops.can_write_kv(k, v, k_cache)
-    ops.write_kv(k, v, k_cache, v_cache, blocks, offsets)
+    assert ops.write_kv(k, v, k_cache, v_cache, blocks, offsets)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
 
 
-def test_kv_write_refuses_what_it_cannot_take(ops):
+def test_kv_write_refuses_what_it_cannot_take_and_writes_nothing(ops):
     k = torch.randn(4, 3, 64).bfloat16()
-    assert not ops.can_write_kv(k.float(), k.float(), torch.zeros(2, 3, 64, 16))          # float32
-    assert not ops.can_write_kv(k.transpose(0, 1).contiguous().transpose(0, 1), k,        # heads not adjacent
-                                torch.zeros(2, 3, 64, 16, dtype=torch.bfloat16))
+    slots = torch.arange(4)
+    for kk, kc in ((k.float(), torch.zeros(2, 3, 64, 16)),                                     # float32
+                   (k.transpose(0, 1).contiguous().transpose(0, 1),                             # heads not adjacent
+                    torch.zeros(2, 3, 64, 16, dtype=torch.bfloat16))):
+        vc = torch.zeros(32, 3, 64, dtype=kc.dtype)
+        assert not ops.write_kv(kk, kk, kc, vc, slots // 16, slots % 16)
+        assert not kc.any() and not vc.any()

@@ -192,9 +192,8 @@ def attend(batch: PagedBatch, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     kvh = k.shape[1]
     group = num_heads // kvh
     # Write first: a query may attend to its own token.
-    if batch.fused is not None and batch.fused.can_write_kv(k, v, k_cache):
-        batch.fused.write_kv(k, v, k_cache, v_cache, batch.write_blocks, batch.write_offsets)
-    else:
+    if batch.fused is None or not batch.fused.write_kv(k, v, k_cache, v_cache, batch.write_blocks,
+                                                       batch.write_offsets):
         k_cache[batch.write_blocks, :, :, batch.write_offsets] = k
         v_cache.index_copy_(0, batch.write_slots, v)
 

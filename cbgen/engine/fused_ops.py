@@ -73,18 +73,19 @@ class FusedOps:
             t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v))
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 write_blocks: torch.Tensor, write_offsets: torch.Tensor) -> None:
+                 write_blocks: torch.Tensor, write_offsets: torch.Tensor) -> bool:
         """``k_cache[write_blocks, :, :, write_offsets] = k`` and ``v_cache[write_blocks * bs + write_offsets] = v``
-        (attention.py's pool layout: k_cache [num_blocks, KVH, D, bs], v_cache [num_blocks * bs, KVH, D]).
-        k, v: [T, KVH, D] bf16 with contiguous token rows (``can_write_kv``); write_blocks/offsets: int64 [T],
-        distinct slots, in range (not checked)."""
+        (attention.py's pool layout: contiguous k_cache [num_blocks, KVH, D, bs], v_cache [num_blocks * bs, KVH, D]).
+        k, v: [T, KVH, D]; write_blocks/offsets: contiguous int64 [T], distinct slots, in range (not checked).
+        Returns False, having written nothing, where ``can_write_kv`` says no (the caller's torch writes
+        then apply): one check per call, as this runs once per layer."""
+        if not self.can_write_kv(k, v, k_cache):
+            return False
         T, KVH, D = k.shape
-        bs = k_cache.shape[3]
-        assert self.can_write_kv(k, v, k_cache) and v.shape == k.shape and k_cache.is_contiguous()
-        assert v_cache.is_contiguous() and write_blocks.dtype == write_offsets.dtype == torch.int64
-        assert write_blocks.is_contiguous() and write_offsets.is_contiguous() and write_blocks.shape[0] == T
         self._kv_write(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                       write_blocks.data_ptr(), write_offsets.data_ptr(), T, KVH, D, bs, torch.get_num_threads())
+                       write_blocks.data_ptr(), write_offsets.data_ptr(), T, KVH, D, k_cache.shape[3],
+                       torch.get_num_threads())
+        return True
 
     def silu_mul(self, gu: torch.Tensor, intermediate: int) -> torch.Tensor:
         """The llama MLP's ``F.silu(gu[:, :I]) * gu[:, I:]`` for gu [T, 2I] contiguous bf16 -> [T, I] bf16,
