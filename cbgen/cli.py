@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import signal
 import sys
 import time
@@ -21,7 +22,9 @@ from .config import EngineConfig, ModelConfig, SamplingParams
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Batch and interactive LLM generation on a continuous-batching engine.")
-err = Console(stderr=True)
+# Not a terminal (a log file, a pipe): every status line stays one line (grep, tail),
+# instead of Rich's word-wrap at its default 80 columns.
+err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 _STARTED = time.monotonic()   # --dry-run counts start-up from here
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Local HF model dir, a .gguf file, or org/name in the "
@@ -39,6 +42,25 @@ DeterministicOpt = typer.Option(False, "--deterministic", help="Batch-invariant:
                                 "small batch; README).")
 
 
+# The config field each option sets: a config ValueError names the field (cbgen/config.py),
+# the user typed the option, so the message is shown with the option's name.
+_OPTION_OF = {
+    "max_num_seqs": "--max-num-seqs", "max_num_batched_tokens": "--max-batched-tokens",
+    "kv_cache_gb": "--kv-cache-gb", "attention": "--attention", "num_scheduler_steps": "--num-scheduler-steps",
+    "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
+    "min_p": "--min-p", "repetition_penalty": "--repetition-penalty", "seed": "--seed", "stop": "--stop",
+    "n": "--samples", "dtype": "--dtype", "threads": "--threads", "impl": "--impl", "quantize": "--quantize",
+}
+_FIELD = re.compile(r"\b(%s)(?==| \()" % "|".join(sorted(_OPTION_OF, key=len, reverse=True)))
+
+
+def option_error(e: ValueError) -> str:
+    """A config validation message with each field named as its option:
+    ``max_num_batched_tokens=64 is invalid: expected >= max_num_seqs (128) ...`` becomes
+    ``--max-batched-tokens=64 is invalid: expected >= --max-num-seqs (128) ...``."""
+    return _FIELD.sub(lambda m: _OPTION_OF[m.group(1)], str(e))
+
+
 def fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -53,7 +75,10 @@ def _load(model: str | None, dtype: str, threads: int | None, chat_template: str
     from .compute import compute_thread
     from .models import ModelError, load_model
     try:
-        cfg = ModelConfig(model=model, dtype=dtype, threads=threads, impl=impl, quantize=quantize)
+        try:
+            cfg = ModelConfig(model=model, dtype=dtype, threads=threads, impl=impl, quantize=quantize)
+        except ValueError as e:
+            fail(option_error(e))
         # On the compute thread, where the engine will step: one OpenMP team (cbgen/compute.py).
         # soft_wrap: one status, one line, also when stderr is a file (grep, logs).
         status = (lambda msg: None) if quiet else (lambda msg: err.print(msg, style="dim", highlight=False,
@@ -80,7 +105,7 @@ def _engine_config(max_num_seqs: int | None, max_batched_tokens: int, kv_cache_g
                             kv_cache_gb=kv_cache_gb, enable_prefix_caching=prefix_cache, attention=attention,
                             deterministic=deterministic, num_scheduler_steps=num_scheduler_steps)
     except ValueError as e:
-        fail(str(e))
+        fail(option_error(e))
 
 
 def _engine(loaded, cfg: EngineConfig):
@@ -114,7 +139,7 @@ def _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penal
                               min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                               stop=tuple(stop or ()), n=n)
     except ValueError as e:
-        fail(f"option {e}")
+        fail(option_error(e))
 
 
 def _structured(json_mode: bool, json_schema: str | None, regex: str | None, choice: str | None,

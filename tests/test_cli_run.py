@@ -164,16 +164,47 @@ def test_a_small_step_budget_lowers_the_default_batch_and_bad_pools_fail_in_one_
     r = _run([str(p), *base_args, "--max-batched-tokens", "64"])
     assert r.exit_code == 0 and len(_records(r.stdout)) == 1
     r = _run([str(p), *base_args, "--max-batched-tokens", "64", "--max-num-seqs", "128"])
-    assert r.exit_code == 2 and "max_num_batched_tokens=64" in r.stderr and "max_num_seqs (128)" in r.stderr
+    # The message names the options typed, not the config fields behind them.
+    assert r.exit_code == 2 and "--max-batched-tokens=64" in r.stderr and "--max-num-seqs (128)" in r.stderr
     for gb in ("inf", "nan", "0"):
         r = _run([str(p), *base_args, "--kv-cache-gb", gb])
-        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "kv_cache_gb" in r.stderr
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "--kv-cache-gb=" in r.stderr
+    r = _run([str(p), *base_args, "--samples", "0"])
+    assert r.exit_code == 2 and r.stderr.strip() == "error: --samples=0 is invalid: expected an integer in [1, 64]"
 
 
 def _popen(args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([*CBGEN, "run", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, cwd=REPO, **kw)
+
+
+def test_status_lines_stay_one_line_when_stderr_is_a_file(tmp_path, base_args):
+    """Rich wraps at 80 columns off a terminal unless told not to; a log file gets each status
+    whole (the resume line here is ~200 characters)."""
+    src = _write(tmp_path, "in.jsonl", ['{"id": "a", "prompt": "Hi", "max_tokens": 2}'])
+    out = tmp_path / ("results-of-a-long-descriptive-run-name-" * 4 + ".jsonl")
+    for _ in range(2):
+        p = _popen([src, "-o", str(out), "--resume", *base_args])
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    line = f"resume: 1 ids already in {out}, skipping them"
+    assert len(line) > 160 and line in err.decode().splitlines()
+
+
+def test_a_sequence_cut_short_by_the_whole_kv_cache_is_named_in_the_summary(tmp_path, tiny_model_dir):
+    """A request alone that outgrows the whole pool ends "length" before its max_tokens;
+    the summary says so and names the option to raise."""
+    c = json.loads((tiny_model_dir / "config.json").read_text())
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    per_token = 2 * c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim * 4
+    gb = 64 * per_token / 2**30   # a pool of 64 tokens (4 blocks of 16) in float32
+    src = _write(tmp_path, "in.jsonl", ['{"id": "a", "prompt": "a", "max_tokens": 200, "ignore_eos": true}'])
+    r = _run([src, "--model", str(tiny_model_dir), "--dtype", "float32", "--kv-cache-gb", repr(gb)])
+    assert r.exit_code == 0, r.stderr
+    [rec] = _records(r.stdout)
+    assert rec["finish_reason"] == "length" and rec["usage"]["completion_tokens"] <= 64
+    assert '1 cut short by the whole KV cache (finish_reason "length"; raise --kv-cache-gb)' in r.stderr
 
 
 def test_stdin_lines_join_a_batch_that_is_already_decoding(base_args):

@@ -97,6 +97,11 @@ def test_per_line_overrides_and_aliases():
     ({"prompt": "x", "stop_token_ids": 2}, "stop_token_ids", "expected a list of token ids"),
     ({"prompt": "x", "n": True}, "n", "got true"),
     ({"prompt": "x", "temprature": 0.1}, "temprature", "unknown field (did you mean 'temperature'?)"),
+    ({"prompt": "x", "deterministic": True}, "deterministic",
+     "field 'deterministic': a setting of the whole run, not of one line (the option --deterministic)"),
+    ({"messages": [{"role": "user", "content": "q"}], "max_num_seqs": 4}, "max_num_seqs", "--max-num-seqs"),
+    ({"custom_id": "c", "body": {"messages": [{"role": "user", "content": "q"}], "kv_cache_gb": 4}},
+     "body.kv_cache_gb", "a setting of the whole run, not of one line (the option --kv-cache-gb)"),
     ({"prompt": "x", "id": [1]}, "id", "field 'id': expected a non-empty string or an integer"),
     ({"prompt": "x", "id": ""}, "id", "expected a non-empty string"),
     ({"prompt": "\ud800"}, "prompt", "invalid UTF-8"),
@@ -114,6 +119,13 @@ def test_bad_input_is_an_error_naming_line_and_field(obj, field, expect):
     assert isinstance(r, InputError), r
     assert r.field == field and r.line_no == 7 and expect in r.message and r.message.startswith("line 7: ")
     assert "\n" not in r.message and str(r) == r.message
+
+
+def test_extra_columns_a_dataset_carries_are_ignored():
+    """Only typos of sampling fields and whole-run settings are errors; other keys (a dataset's
+    columns, including generic words like model or device) are ignored."""
+    r = p({"prompt": "x", "model": "gpt-4", "device": "a phone", "category": "qa", "temperature": 0.5})
+    assert isinstance(r, InputRecord) and r.params.temperature == 0.5
 
 
 def test_error_keeps_the_lines_id_when_it_has_one():

@@ -163,6 +163,7 @@ def test_lone_sequence_outgrowing_the_pool_finishes_instead_of_looping():
     s.add(r)
     run(s, limit=100)
     assert r.finish_reason is FinishReason.LENGTH and r.num_tokens <= 9
+    assert s.num_kv_exhausted == 1 and s.num_preemptions == 0   # counted, for the run's summary
 
 
 def test_fifo_no_overtaking_when_the_pool_is_full():

@@ -50,6 +50,9 @@ class EngineStats:
     num_kv_blocks: int
     prefix_hit_rate: float     # prompt tokens served from the prefix cache / prompt tokens looked up
     num_preemptions: int
+    # Requests that ended with finish_reason "length" before max_tokens or the context length
+    # because, running alone, they outgrew the whole KV pool (Scheduler.schedule).
+    num_kv_exhausted: int
     num_steps: int             # forwards (each step of a multi-step call counts)
     num_forward_tokens: int
     num_generated_tokens: int
@@ -332,7 +335,8 @@ class Engine:
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_usage=bm.usage, num_kv_blocks=bm.num_blocks, prefix_hit_rate=bm.hit_rate,
-            num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
+            num_preemptions=self.scheduler.num_preemptions, num_kv_exhausted=self.scheduler.num_kv_exhausted,
+            num_steps=self.num_steps,
             num_forward_tokens=self.runner.num_forward_tokens,
             num_generated_tokens=self.num_generated_tokens)
 

@@ -65,6 +65,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_kv_exhausted = 0   # requests ended "length" because alone they outgrew the whole pool
 
     # ---- queue -------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -120,6 +121,7 @@ class Scheduler:
                     # Alone and still out of blocks: it can never grow; end it instead of
                     # preempting it forever.
                     self.finish(req, FinishReason.LENGTH)
+                    self.num_kv_exhausted += 1
                     out.finished.append(req)
                     break
                 victim = self.running.pop()

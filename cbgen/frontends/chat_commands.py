@@ -283,7 +283,8 @@ def _stats(s: ChatSession, arg: str) -> str:
         f"throughput  now {s.rate:.1f} tok/s · mean {mean:.1f} tok/s while busy ({st.num_generated_tokens} tokens, "
         f"{s.busy_seconds:.1f}s, {st.num_steps} steps)"
         + (f" · per sequence {sum(rates) / len(rates):.1f} tok/s" if rates else ""),
-        f"KV cache    {st.kv_usage:.0%} of {st.num_kv_blocks} blocks in use · {st.num_preemptions} preemptions",
+        f"KV cache    {st.kv_usage:.0%} of {st.num_kv_blocks} blocks in use · {st.num_preemptions} preemptions"
+        + (f" · {st.num_kv_exhausted} cut short by the whole cache" if st.num_kv_exhausted else ""),
         f"prefix      {st.prefix_hit_rate:.0%} of prompt tokens served from the prefix cache",
     ])
 

@@ -103,7 +103,9 @@ class ProgressView:
     def summary(self) -> str:
         wall = time.monotonic() - self.start
         gen = self.engine.num_generated_tokens
-        preempted = self.engine.stats().num_preemptions
+        st = self.engine.stats()
         return (f"cbgen: {self.done} request{'' if self.done == 1 else 's'}, {gen} tokens generated in {wall:.1f}s "
                 f"({gen / wall if wall > 0 else 0:.1f} tok/s), {self.errors} error{'' if self.errors == 1 else 's'}"
-                + (f", {preempted} preemptions (KV cache full; --kv-cache-gb)" if preempted else ""))
+                + (f", {st.num_preemptions} preemptions (KV cache full; --kv-cache-gb)" if st.num_preemptions else "")
+                + (f", {st.num_kv_exhausted} cut short by the whole KV cache (finish_reason \"length\"; "
+                   "raise --kv-cache-gb)" if st.num_kv_exhausted else ""))

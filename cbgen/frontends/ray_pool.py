@@ -248,7 +248,8 @@ class RayPool:
             num_running=sum(s.num_running for s in live), num_waiting=sum(s.num_waiting for s in live) + queued,
             kv_usage=mean([s.kv_usage for s in live]), num_kv_blocks=sum(s.num_kv_blocks for s in live),
             prefix_hit_rate=mean([s.prefix_hit_rate for s in live]),
-            num_preemptions=sum(s.num_preemptions for s in live), num_steps=sum(s.num_steps for s in live),
+            num_preemptions=sum(s.num_preemptions for s in live),
+            num_kv_exhausted=sum(s.num_kv_exhausted for s in live), num_steps=sum(s.num_steps for s in live),
             num_forward_tokens=sum(s.num_forward_tokens for s in live),
             num_generated_tokens=self.num_generated_tokens)
 

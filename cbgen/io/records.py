@@ -58,6 +58,15 @@ ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tok
 FIELDS = SamplingParams.field_names()
 KNOWN_SAMPLING = FIELDS | ALIASES.keys() | {"top_logprobs"}
 CBGEN_KEYS = {"id", "prompt", "messages", "metadata", *CBGEN_FIELDS}
+# Engine and model settings hold for the whole run; a line naming one would otherwise be
+# ignored while its author believes it applied. Generic words a dataset may carry as a
+# column (model, device, threads, attention) stay ignored like any other extra key.
+RUN_SETTINGS = {
+    "max_num_seqs": "--max-num-seqs", "max_num_batched_tokens": "--max-batched-tokens",
+    "kv_cache_gb": "--kv-cache-gb", "enable_prefix_caching": "--no-prefix-cache",
+    "deterministic": "--deterministic", "num_scheduler_steps": "--num-scheduler-steps",
+    "dtype": "--dtype", "quantize": "--quantize",
+}
 ROLES = ("system", "user", "assistant")
 OPENAI_URLS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
 DEFAULT_SOURCE = "input"          # the source name when a caller names none
@@ -199,8 +208,14 @@ def _record_id(obj: dict[str, Any], key: str) -> str:
     raise _Bad(key, f"expected a non-empty string or an integer, got {_show(v)}")
 
 
+def _no_run_settings(obj: dict, prefix: str) -> None:
+    for key in sorted(obj.keys() & RUN_SETTINGS.keys()):
+        raise _Bad(prefix + key, f"a setting of the whole run, not of one line (the option {RUN_SETTINGS[key]})")
+
+
 def _cbgen(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None,
            structured: StructuredOutputsParams | None = None) -> InputRecord:
+    _no_run_settings(obj, "")
     for key in sorted(obj.keys() - CBGEN_KEYS - KNOWN_SAMPLING - CONTROL_KEYS):
         close = difflib.get_close_matches(key, KNOWN_SAMPLING, n=1, cutoff=0.8)
         if close:
@@ -232,6 +247,7 @@ def _openai(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system:
     body = obj.get("body")
     if not isinstance(body, dict):
         raise _Bad("body", f"expected an object with the request, got {_show(body)}")
+    _no_run_settings(body, "body.")
     need = OPENAI_URLS[url]
     if need not in body:
         raise _Bad(f"body.{need}", f"missing: {url} needs '{need}'")
