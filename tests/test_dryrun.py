@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from cbgen.cli import app
 from cbgen.config import EngineConfig, SamplingParams
 from cbgen.engine.engine import Engine
+from cbgen.frontends import probe as probe_mod
 from cbgen.frontends.probe import run_probe
 from cbgen.frontends.validate import check_inputs
 
@@ -46,11 +47,29 @@ def test_probe_measures_steps_and_natural_lengths(tmp_path, tiny_loaded):
     check = check_inputs([src], tiny_loaded.tokenizer, engine.max_model_len, SamplingParams(), None, print,
                          sample_size=12)
     probe = run_probe(engine, check.sample, rows=12, length_samples=5, decode_steps=4, time_limit=30)
-    assert probe.rows == 8 and len(probe.lengths) == 5 and all(s.finished for s in probe.lengths)
+    assert probe.rows == probe.probe_rows == 8 and len(probe.lengths) == 5 and all(s.finished for s in probe.lengths)
     assert [s.limit for s in probe.lengths] == [c.params.max_new_tokens for c in check.sample[:5]]
     assert max(s.num_decode for s in probe.steps) == 8      # the whole batch decoded together
     assert any(s.num_prefill_tokens for s in probe.steps) and all(s.seconds > 0 for s in probe.steps)
     assert not engine.has_unfinished
+
+
+def test_probe_bounds_its_prefill_so_the_batch_gets_to_decode_together(tmp_path, tiny_loaded):
+    """The concurrency part takes no more prompts than PREFILL_STEPS full steps of prompt
+    tokens: at 256 rows, prefilling every prompt outlasted the part's time, and the probe never
+    saw a decode-only step at many rows."""
+    engine = Engine.from_loaded(tiny_loaded, EngineConfig(max_num_seqs=32, max_num_batched_tokens=32))
+    src = _write(tmp_path, [json.dumps({"id": f"q{i}", "prompt": f"{i} " + "The quick brown fox " * 6,
+                                        "max_new_tokens": 4}) for i in range(32)])
+    check = check_inputs([src], tiny_loaded.tokenizer, engine.max_model_len, SamplingParams(), None, print,
+                         sample_size=32)
+    per_prompt = check.sample[0].num_prompt_tokens
+    probe = run_probe(engine, check.sample, rows=32, length_samples=2, decode_steps=4, time_limit=30)
+    assert probe.rows == 32 and probe.probe_rows < 32
+    assert sum(c.num_prompt_tokens for c in check.sample[:probe.probe_rows]) <= probe_mod.PREFILL_STEPS * 32 \
+        < sum(c.num_prompt_tokens for c in check.sample[:probe.probe_rows + 1]), per_prompt
+    # The chosen prompts all decoded together, with no prefill in the step.
+    assert any(s.num_decode == probe.probe_rows and s.num_prefill_tokens == 0 for s in probe.steps)
 
 
 def test_dry_run_reports_counts_longest_and_eta_without_generating(tmp_path, tiny_model_dir):

@@ -13,7 +13,7 @@ from cbgen.engine.request import Request
 from cbgen.engine.scheduler import Scheduler
 from cbgen.frontends.eta import LengthSample, SimRow, StepCost, StepSample, estimate, simulate
 
-COST = StepCost(fixed=0.02, per_row=0.0005, per_context=2e-6, per_prefill=0.0001)
+COST = StepCost(fixed=0.02, per_token=0.0001, per_row=0.0004, per_context=2e-6)
 
 
 def scheduler_replay(rows: list[SimRow], cost: StepCost, max_num_seqs: int, budget: int, num_blocks: int,
@@ -69,7 +69,7 @@ def test_fit_recovers_the_step_cost_and_ignores_a_stalled_step():
         samples.append(StepSample(COST(rows, ctx, pre), rows, ctx, pre))
     samples.append(StepSample(5.0, 10, 1000, 0))   # another process took the CPU for this one
     fit = StepCost.fit(samples)
-    for name in ("fixed", "per_row", "per_context", "per_prefill"):
+    for name in ("fixed", "per_token", "per_row", "per_context"):
         assert getattr(fit, name) == pytest.approx(getattr(COST, name), rel=1e-3)
 
 
@@ -77,7 +77,7 @@ def test_fit_keeps_coefficients_non_negative():
     # Time falls with the rows here (noise); a plain least squares would give per_row < 0.
     samples = [StepSample(0.05 - 0.0001 * r, r, 0, 0) for r in range(1, 20)]
     fit = StepCost.fit(samples)
-    assert min(fit.fixed, fit.per_row, fit.per_context, fit.per_prefill) >= 0
+    assert min(fit.fixed, fit.per_token, fit.per_row, fit.per_context) >= 0
     with pytest.raises(ValueError, match="at least 2"):
         StepCost.fit(samples[:1])
 

@@ -48,8 +48,9 @@ def _report(check: InputCheck, probe: ProbeResult, cost: StepCost, est: Estimate
     ctx = sum(p) / len(p) + est.output_tokens / max(1, sum(check.num_samples)) / 2
     full = cost(probe.rows, round(probe.rows * ctx), 0)
     small = cost(1, round(ctx), 0)
-    prefill = f"prefill ~{1 / cost.per_prefill:,.0f} tok/s; " if cost.per_prefill > 0 else ""
-    w(f"probe: {probe.seconds:.1f}s, {len(probe.steps)} steps measured: {prefill}decode "
+    prefill = f"prefill ~{1 / cost.per_token:,.0f} tok/s; " if cost.per_token > 0 else ""
+    most = max((st.num_decode for st in probe.steps), default=0)
+    w(f"probe: {probe.seconds:.1f}s, {len(probe.steps)} steps measured (up to {most} decoding at once): {prefill}decode "
       f"{full * 1000:.0f} ms/step at {probe.rows} sequences ({probe.rows / full:,.0f} tok/s), "
       f"{small * 1000:.0f} ms/step at 1")
     start = f" + {startup_s:.1f}s start-up" if startup_s is not None else ""

@@ -3,11 +3,17 @@
 Two parts, both fed by the probe (``probe.py``):
 
 * ``StepCost``: seconds per engine step as a linear function of what the step
-  does, ``fixed + per_row * decode rows + per_context * context tokens read by
-  those rows + per_prefill * prompt tokens prefilled``, fitted by non-negative
-  least squares to the probe's measured steps. The terms are where a CPU step
-  spends its time: streaming the weights once (fixed), one GEMM row per decoding
-  sequence, attention reading each row's KV context, and prefill rows.
+  does, ``fixed + per_token * tokens forwarded (decode rows + prompt tokens
+  prefilled) + per_row * decode rows + per_context * context tokens read by
+  those rows``, fitted by non-negative least squares to the probe's measured
+  steps. The terms are where a CPU step spends its time: streaming the weights
+  once (fixed), one GEMM row per token forwarded, whether it decodes or
+  prefills, the LM head and sampling of each decoding row, and attention
+  reading each row's KV context. A decode row and a prompt token cost the same
+  GEMM row: with them as separate terms, the probe's first steps (the step's
+  budget split between both, so their sum is constant) could not tell them
+  apart, and the fit put a decode row at a tenth of its cost (ETA -67% on the
+  271 dev prompts at 256 sequences, NOTES.md change 21).
 * ``simulate``: the scheduler's shape (``engine/scheduler.py``) replayed on
   counters: up to ``slots`` sequences, running decodes first, FIFO admission,
   prefill chunks within the step's token budget; pure-decode stretches are
@@ -41,12 +47,13 @@ class StepSample:
 class StepCost:
     """Seconds for one step (see the module docstring). All coefficients >= 0."""
     fixed: float
-    per_row: float
-    per_context: float
-    per_prefill: float
+    per_token: float     # a token forwarded: a decode row or a prompt token prefilled
+    per_row: float       # on top of per_token, a decoding row (LM head, sampling)
+    per_context: float   # a KV token read by a decoding row
 
     def __call__(self, rows: int, context: int, prefill: int) -> float:
-        return self.fixed + self.per_row * rows + self.per_context * context + self.per_prefill * prefill
+        return (self.fixed + self.per_token * (rows + prefill) + self.per_row * rows
+                + self.per_context * context)
 
     @classmethod
     def fit(cls, samples: Sequence[StepSample]) -> "StepCost":
@@ -67,7 +74,7 @@ class StepCost:
     @classmethod
     def _nnls(cls, samples: Sequence[StepSample]) -> "StepCost":
         import numpy as np
-        x = np.array([[1.0, s.num_decode, s.context_tokens, s.num_prefill_tokens] for s in samples])
+        x = np.array([[1.0, s.num_decode + s.num_prefill_tokens, s.num_decode, s.context_tokens] for s in samples])
         y = np.array([s.seconds for s in samples])
         best, best_err = np.zeros(4), float(np.sum(y ** 2))
         for k in range(1, 5):
@@ -151,7 +158,7 @@ def simulate(rows: Iterable[SimRow], cost: StepCost, slots: int, max_batched_tok
             k = finishes[0][0] - step
             if kv != math.inf:
                 k = max(1, min(k, int((kv - ctx - held) // n_dec)))
-            t += k * (cost.fixed + cost.per_row * n_dec) + cost.per_context * (k * ctx + n_dec * k * (k - 1) / 2)
+            t += k * cost(n_dec, 0, 0) + cost.per_context * (k * ctx + n_dec * k * (k - 1) / 2)
             ctx += n_dec * k
             step += k
         else:

@@ -4,10 +4,15 @@ Three parts, all on the run's own engine (same model, dtype, threads, kernels,
 ``max_num_seqs`` and token budget) and on the run's own prompts:
 
 1. warm-up: one tiny request, untimed (first-forward set-up is not a rate);
-2. concurrency: ``rows`` sampled prompts at once, as the run would start, each
-   decoding (``ignore_eos``) long enough that all of them are prefilled and then
-   decode together for ``decode_steps`` steps: prefill-chunk and full-batch
-   decode steps;
+2. concurrency: sampled prompts at once, as the run would start, each decoding
+   (``ignore_eos``) long enough that all of them are prefilled and then decode
+   together for ``decode_steps`` steps: prefill-chunk and big-batch decode
+   steps. As many as the run will run at once (``rows``), but no more than
+   ``PREFILL_STEPS`` full steps of prompt tokens, so that the big-batch decode
+   steps happen within the part's time: at 256 rows the dev prompts' prefill
+   alone outlasted it, the probe measured only steps that split the budget
+   between prefill and decode, and the ETA came out 67% low (NOTES.md change
+   21). The step cost is linear in the rows, so a measured 50 extrapolates;
 3. lengths: ``length_samples`` sampled prompts with their own parameters, run
    to their natural end (EOS, stop, limit) or until ``length_limit``: how long
    the answers are, and small-batch decode steps. This part is given far more
@@ -35,11 +40,15 @@ from .eta import LengthSample, StepSample
 from .validate import CheckedPrompt
 
 
+PREFILL_STEPS = 8   # the concurrency part's prompt tokens: at most this many full steps' budget
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     steps: list[StepSample]
     lengths: list[LengthSample]
-    rows: int                  # sequences at once in the concurrency part
+    rows: int                  # sequences the run will have at once (min(inputs, max_num_seqs))
+    probe_rows: int            # sequences at once in the concurrency part (<= rows)
     prefix_hit_rate: float     # prompt tokens the prefix cache served in the concurrency part
     seconds: float             # wall time of the whole probe
 
@@ -89,7 +98,7 @@ def _probe_params(p: SamplingParams, new_tokens: int) -> SamplingParams:
                                stop=(), stop_token_ids=())
 
 
-def run_probe(engine: Engine, sample: list[CheckedPrompt], *, rows: int, length_samples: int = 16,
+def run_probe(engine: Engine, sample: list[CheckedPrompt], *, rows: int, length_samples: int = 48,
               decode_steps: int = 8, time_limit: float = 15.0, length_limit: float = 90.0) -> ProbeResult:
     """Measure ``engine`` on ``sample`` (random valid inputs with token ids) after a warm-up request.
 
@@ -106,8 +115,13 @@ def run_probe(engine: Engine, sample: list[CheckedPrompt], *, rows: int, length_
     steps: list[StepSample] = []
 
     rows = max(1, min(rows, engine.config.max_num_seqs))
-    chosen = list(itertools.islice(itertools.cycle(sample), rows))
-    budget = max(16, engine.config.max_num_batched_tokens - rows)
+    chosen, prompt_tokens = [], 0
+    for p in itertools.islice(itertools.cycle(sample), rows):
+        prompt_tokens += p.num_prompt_tokens
+        if chosen and prompt_tokens > PREFILL_STEPS * engine.config.max_num_batched_tokens:
+            break
+        chosen.append(p)
+    budget = max(16, engine.config.max_num_batched_tokens - len(chosen))
     new_tokens = math.ceil(sum(p.num_prompt_tokens for p in chosen) / budget) + decode_steps
     bm = engine.block_manager
     hits0, looked0 = bm.prefix_hits, bm.prefix_queries
@@ -129,4 +143,4 @@ def run_probe(engine: Engine, sample: list[CheckedPrompt], *, rows: int, length_
             o = last.get((f"length-{i}", k))
             generated = len(o.token_ids) if o is not None else 0
             lengths.append(LengthSample(generated, limit, o is not None and o.finish_reason is not FinishReason.ABORT))
-    return ProbeResult(steps, lengths, rows, hit_rate, time.monotonic() - start)
+    return ProbeResult(steps, lengths, rows, len(chosen), hit_rate, time.monotonic() - start)
