@@ -1,7 +1,7 @@
 """Issue #11's must-show: `cbgen chat` with 3 concurrent prompts runs within 10% of the
 aggregate tok/s of `cbgen run` on the same 3 prompts.
 
-    python benchmarks/chat_concurrency.py [--max-new-tokens 256] [--rounds 2] [--dtype bfloat16]
+    python benchmarks/chat_concurrency.py [--max-new-tokens 256] [--rounds 5] [--dtype bfloat16]
                                           [--quantize none] [--limit 1.10] [--json OUT]
 
 The prompts: the user text of the first 3 chat lines of --prompts (a single user message, no
@@ -201,7 +201,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=Path, default=Path("/work/shared/bench/prompts-dev.jsonl"))
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of every mode; the medians count (one round moves by +-10%%)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quantize", default="none")
     ap.add_argument("--gap", type=float, default=0.02, help="seconds between two typed prompts")
