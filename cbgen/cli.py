@@ -66,6 +66,32 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _kv_tokens(loaded, cfg: EngineConfig) -> int | None:
+    """The KV pool's size in tokens the engine would get (None: a model without the paged pool)."""
+    spec = loaded.spec
+    if spec is None or not getattr(spec, "kv_pool", False):
+        return None
+    from .engine.runner import num_blocks_for
+    max_len = min(spec.max_model_len, cfg.max_model_len or spec.max_model_len)
+    return num_blocks_for(cfg, spec, max_len) * cfg.block_size
+
+
+def _check_output(output: str, inputs: list[str]) -> None:
+    """Fail before the model loads if --output cannot be written, or is one of the inputs
+    (opened for writing it would be truncated while it is read: the input lost, exit 0)."""
+    if os.path.isdir(output):
+        fail(f"--output {output!r}: is a directory, expected a file")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        fail(f"--output {output!r}: no such directory {parent!r}")
+    if not os.access(parent, os.W_OK) or (os.path.exists(output) and not os.access(output, os.W_OK)):
+        fail(f"--output {output!r}: not writable")
+    for path in inputs:
+        if path != "-" and os.path.exists(output) and os.path.exists(path) and os.path.samefile(path, output):
+            fail(f"--output {output!r} is the input {path!r}: it would be overwritten while it is read; "
+                 "write to another file")
+
+
 def _load(model: str | None, dtype: str, threads: int | None, chat_template: str | None = None,
           impl: str = "auto", quantize: str = "none", quiet: bool = False, deterministic: bool = False):
     """Load the model, turning every expected failure into a one-line error. ``chat_template``
@@ -91,12 +117,16 @@ def _load(model: str | None, dtype: str, threads: int | None, chat_template: str
     return loaded
 
 
-def _engine_config(max_num_seqs: int | None, max_batched_tokens: int, kv_cache_gb: float, prefix_cache: bool,
+def _engine_config(max_num_seqs: int | None, max_batched_tokens: int | None, kv_cache_gb: float, prefix_cache: bool,
                    attention: str = "auto", deterministic: bool = False,
                    num_scheduler_steps: int = EngineConfig.num_scheduler_steps) -> EngineConfig:
-    """Validated before the model loads, so a bad option fails in milliseconds. ``max_num_seqs``
-    None: the default, lowered to ``max_batched_tokens`` when that is smaller (every running
-    sequence needs a token of the step's budget), so ``--max-batched-tokens 128`` alone works."""
+    """Validated before the model loads, so a bad option fails in milliseconds. Every running
+    sequence needs a token of the step's budget, so each default follows the other when given:
+    ``max_batched_tokens`` None is 512, raised to ``max_num_seqs`` (``--max-num-seqs 1000``
+    alone works); ``max_num_seqs`` None is 256, lowered to ``max_batched_tokens``
+    (``--max-batched-tokens 128`` alone works)."""
+    if max_batched_tokens is None:   # every running sequence needs a token of the budget
+        max_batched_tokens = max(EngineConfig.max_num_batched_tokens, max_num_seqs or 0)
     if max_num_seqs is None:
         max_num_seqs = min(EngineConfig.max_num_seqs, max_batched_tokens) if max_batched_tokens >= 1 \
             else EngineConfig.max_num_seqs
@@ -166,7 +196,7 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Skip ids already in --output and append the rest."),
     validate: bool = typer.Option(False, "--validate", help="Check inputs (parsing, templates, lengths); generate nothing."),
     dry_run: bool = typer.Option(False, "--dry-run", help="--validate, plus token counts, the longest prompts and "
-                                 "an ETA from a probe of this machine (15 s, then up to 90 s until 16 sampled answers end); generate nothing."),
+                                 "an ETA from a probe of this machine (15 s, then up to 90 s until 48 sampled answers end); generate nothing."),
     system: Optional[str] = typer.Option(None, "--system", help="System message for chat inputs that have none."),
     template: Optional[str] = typer.Option(None, "--template", help="Table inputs: the prompt from each row's "
                                            "columns, Python format ('Summarize: {text}') or Jinja ('{{ text }}')."),
@@ -200,9 +230,11 @@ def run(
     grammar: Optional[str] = typer.Option(None, "--grammar", help="Constrain outputs to this Lark (or GBNF) grammar file."),
     max_num_seqs: Optional[int] = typer.Option(
         None, "--max-num-seqs", show_default=False,
-        help=f"Sequences decoding at once [default: {EngineConfig.max_num_seqs}, or --max-batched-tokens if lower]."),
-    max_batched_tokens: int = typer.Option(EngineConfig.max_num_batched_tokens, "--max-batched-tokens",
-                                           help="Token budget of one step."),
+        help=f"Sequences decoding at once \\[default: {EngineConfig.max_num_seqs}, or --max-batched-tokens if lower]."),
+    max_batched_tokens: Optional[int] = typer.Option(
+        None, "--max-batched-tokens", show_default=False,
+        help=f"Token budget of one step \\[default: {EngineConfig.max_num_batched_tokens}, or --max-num-seqs if "
+             "higher]."),
     kv_cache_gb: float = typer.Option(EngineConfig.kv_cache_gb, "--kv-cache-gb", help="Memory for the KV cache pool."),
     no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache"),
     attention: str = typer.Option("auto", "--attention",
@@ -248,6 +280,8 @@ def run(
             fail(f"input {path!r}: no such file")
         if path != "-" and table_kind(path) is None and os.path.isfile(path) and (why := binary_reason(path)):
             fail(why)
+    if output:
+        _check_output(output, inputs)
     try:
         tables = plan_tables(inputs, fmt=fmt, template=template, template_format=template_format,
                              prompt_column=prompt_column, messages_column=messages_column, id_column=id_column,
@@ -271,7 +305,7 @@ def run(
                    deterministic=deterministic)
     if validate:
         from .frontends.validate import validate_inputs
-        raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err, tables.spec))
+        raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err, tables.spec, _kv_tokens(loaded, cfg)))
     opts = RunOptions(inputs=inputs, output=output, fmt=fmt, order=order, resume=resume, system=system,
                       defaults=defaults, quiet=quiet, progress=progress, model_name=loaded.name, tables=tables,
                       shard=shard_spec, structured=structured)
@@ -508,9 +542,25 @@ def bench(
     err.print(f"wrote {result['json_path']}", highlight=False)
 
 
-def main() -> None:  # pragma: no cover - console script indirection
-    app()
+def main() -> None:
+    """The console script. A value Click cannot parse or an unknown option is one line on
+    stderr with exit code 2, like every other usage error here, instead of Typer's boxed
+    panel wrapped at 80 columns (``Invalid value for '--max-batched-tokens': ...``)."""
+    # Click's base exception, wherever this Typer keeps Click (its own copy since 0.20-ish).
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    try:
+        code = app(standalone_mode=False, prog_name="cbgen")
+    except click_exception as e:
+        if type(e).__name__ == "NoArgsIsHelpError":   # `cbgen` or `cbgen run` alone: the help
+            e.show()
+        else:
+            where = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) is not None else ""
+            err.print(f"[bold red]error:[/] {escape(where + e.format_message())}", highlight=False, soft_wrap=True)
+        code = e.exit_code
+    except typer.Abort:   # Ctrl-C or EOF at a Click prompt
+        code = 130
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    main()

@@ -179,6 +179,27 @@ def _popen(args, **kw):
                             stderr=subprocess.PIPE, env=env, cwd=REPO, **kw)
 
 
+@pytest.mark.parametrize("args, expect", [
+    (["run", "x.jsonl", "--max-batched-tokens", "abc"], "error: cbgen run: Invalid value for '--max-batched-tokens'"),
+    (["chat", "--kv-cache-gb", "1"], "error: cbgen chat: No such option: --kv-cache-gb"),
+    (["run", "x.jsonl", "--dry-runn"], "error: cbgen run: No such option: --dry-runn (Possible options: --dry-run)"),
+])
+def test_a_value_click_cannot_parse_is_one_line_too(args, expect):
+    """The console script (cli.main) prints Click's usage errors as one line, not Typer's
+    boxed panel, with Click's exit code 2."""
+    r = subprocess.run([*CBGEN, *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith(expect) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_output_that_is_an_input_or_cannot_be_written_fails_before_the_model_loads(tmp_path, base_args):
+    src = _write(tmp_path, "in.jsonl", ['{"prompt": "Hi", "max_tokens": 2}'] * 3)
+    for out, why in ((src, "is the input"), (str(tmp_path / "nope" / "o.jsonl"), "no such directory"),
+                     (str(tmp_path), "is a directory")):
+        r = _run([src, "-o", out, *base_args])
+        assert r.exit_code == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert len(open(src).read().splitlines()) == 3   # the input is untouched
+
+
 def test_status_lines_stay_one_line_when_stderr_is_a_file(tmp_path, base_args):
     """Rich wraps at 80 columns off a terminal unless told not to; a log file gets each status
     whole (the resume line here is ~200 characters)."""
@@ -204,7 +225,7 @@ def test_a_sequence_cut_short_by_the_whole_kv_cache_is_named_in_the_summary(tmp_
     assert r.exit_code == 0, r.stderr
     [rec] = _records(r.stdout)
     assert rec["finish_reason"] == "length" and rec["usage"]["completion_tokens"] <= 64
-    assert '1 cut short by the whole KV cache (finish_reason "length"; raise --kv-cache-gb)' in r.stderr
+    assert '1 sequence cut short by the whole KV cache (finish_reason "length"; raise --kv-cache-gb)' in r.stderr
 
 
 def test_stdin_lines_join_a_batch_that_is_already_decoding(base_args):

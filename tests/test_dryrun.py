@@ -91,3 +91,18 @@ def test_dry_run_reports_counts_longest_and_eta_without_generating(tmp_path, tin
     assert m, r.stdout
     eta, low, high = (int(m[i]) * 60 + int(m[i + 1]) for i in (1, 3, 5))
     assert low <= eta <= high
+
+
+def test_validate_and_dry_run_refuse_a_prompt_the_kv_cache_cannot_hold(tmp_path, tiny_model_dir):
+    """As the run would (an error record): the probe never sees it, so it cannot fail on it."""
+    c = json.loads((tiny_model_dir / "config.json").read_text())
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    per_token = 2 * c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim * 4
+    gb = repr(32 * per_token / 2**30)   # a pool of 32 tokens in float32
+    src = _write(tmp_path, [json.dumps({"prompt": "The quick brown fox " * 12}), '{"prompt": "Hi"}'])
+    base = ["run", src, "--model", str(tiny_model_dir), "--dtype", "float32", "--kv-cache-gb", gb, "-n", "4"]
+    for mode in ("--validate", "--dry-run"):
+        r = CliRunner().invoke(app, [*base, mode], catch_exceptions=False)
+        assert r.exit_code == 1, r.stderr
+        assert re.search(r"invalid: in.jsonl line 1: prompt: \d+ tokens leave no room to generate in the KV cache "
+                         r"of 32 tokens \(raise --kv-cache-gb\)", r.stderr), r.stderr

@@ -360,7 +360,7 @@ def test_add_request_rejects_invalid_input(sharp):
     with pytest.raises(ValueError, match=r"request_id: 'a' is already running"):
         eng.add_request("a", [5])
     small = engine(sharp, num_kv_blocks=2, block_size=16)
-    with pytest.raises(ValueError, match=r"prompt: 40 tokens do not fit the KV cache of 32"):
+    with pytest.raises(ValueError, match=r"prompt: 40 tokens leave no room to generate in the KV cache of 32"):
         small.add_request("a", [5] * 40)
     finals = drain(eng)
     assert finals[("a", 0)].finish_reason is FinishReason.LENGTH

@@ -97,6 +97,8 @@ def test_per_line_overrides_and_aliases():
     ({"prompt": "x", "stop_token_ids": 2}, "stop_token_ids", "expected a list of token ids"),
     ({"prompt": "x", "n": True}, "n", "got true"),
     ({"prompt": "x", "temprature": 0.1}, "temprature", "unknown field (did you mean 'temperature'?)"),
+    ({"prompt": "x", "samples": 2}, "samples", "unknown field (did you mean 'n'?)"),
+    ({"prompt": "x", "max_batched_tokens": 64}, "max_batched_tokens", "(the option --max-batched-tokens)"),
     ({"prompt": "x", "deterministic": True}, "deterministic",
      "field 'deterministic': a setting of the whole run, not of one line (the option --deterministic)"),
     ({"messages": [{"role": "user", "content": "q"}], "max_num_seqs": 4}, "max_num_seqs", "--max-num-seqs"),
@@ -124,7 +126,8 @@ def test_bad_input_is_an_error_naming_line_and_field(obj, field, expect):
 def test_extra_columns_a_dataset_carries_are_ignored():
     """Only typos of sampling fields and whole-run settings are errors; other keys (a dataset's
     columns, including generic words like model or device) are ignored."""
-    r = p({"prompt": "x", "model": "gpt-4", "device": "a phone", "category": "qa", "temperature": 0.5})
+    r = p({"prompt": "x", "model": "gpt-4", "device": "a phone", "category": "qa", "temperature": 0.5,
+           "top": 3, "temperature_note": "warm", "max_tokens_hint": "short"})
     assert isinstance(r, InputRecord) and r.params.temperature == 0.5
 
 

@@ -140,8 +140,8 @@ class Engine:
                              f"within the context length of {self.max_model_len} tokens")
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
         if len(prompt_token_ids) >= capacity:
-            raise ValueError(f"prompt: {len(prompt_token_ids)} tokens do not fit the KV cache of {capacity} "
-                             "tokens (raise --kv-cache-gb)")
+            raise ValueError(f"prompt: {len(prompt_token_ids)} tokens leave no room to generate in the KV cache "
+                             f"of {capacity} tokens (raise --kv-cache-gb)")
         bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt_token_ids: {bad} is outside the vocabulary [0, {self.vocab_size})")

@@ -67,7 +67,8 @@ def dry_run(inputs: list[str], loaded, engine: Engine, defaults: SamplingParams,
     out = out or sys.stdout
     check = check_inputs(inputs, loaded.tokenizer, engine.max_model_len, defaults, system,
                          lambda p: err.print(f"invalid: {p}", highlight=False, soft_wrap=True),
-                         sample_size=max(SAMPLE_SIZE, engine.config.max_num_seqs), spec=spec)
+                         sample_size=max(SAMPLE_SIZE, engine.config.max_num_seqs), spec=spec,
+                         kv_tokens=engine.block_manager.num_blocks * engine.block_manager.block_size)
     code = 1 if check.num_invalid else 0
     print(f"dry run: {check.num_valid + check.num_invalid} inputs, {check.num_valid} valid, "
           f"{check.num_invalid} invalid; model {loaded.name}", file=out, flush=True)

@@ -107,5 +107,6 @@ class ProgressView:
         return (f"cbgen: {self.done} request{'' if self.done == 1 else 's'}, {gen} tokens generated in {wall:.1f}s "
                 f"({gen / wall if wall > 0 else 0:.1f} tok/s), {self.errors} error{'' if self.errors == 1 else 's'}"
                 + (f", {st.num_preemptions} preemptions (KV cache full; --kv-cache-gb)" if st.num_preemptions else "")
-                + (f", {st.num_kv_exhausted} cut short by the whole KV cache (finish_reason \"length\"; "
+                + (f", {st.num_kv_exhausted} sequence{'' if st.num_kv_exhausted == 1 else 's'} cut short by the "
+                   "whole KV cache (finish_reason \"length\"; "
                    "raise --kv-cache-gb)" if st.num_kv_exhausted else ""))

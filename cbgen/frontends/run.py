@@ -111,7 +111,7 @@ class BatchRun:
                 ids = encode(self.tokenizer, prompt=item.prompt, messages=item.messages, controls=item.chat_controls)
                 driver.submit(item.id, ids, item.params, extra={"line": item.line_no}, structured=item.structured)
             except (PromptError, ValueError) as e:
-                self._reject(writer, item, f"line {item.line_no}: {e}", ticket, view)
+                self._reject(writer, item, f"{item.where}: {e}", ticket, view)
                 continue
             self.pending[item.id] = _Pending(item, ticket)
 
@@ -141,10 +141,14 @@ class BatchRun:
                             sources=source_names(opts.inputs), shard=opts.shard, structured=opts.structured)
         prefetch = Prefetcher(read_inputs(opts.inputs, parser, opts.tables and opts.tables.spec),
                               maxsize=opts.read_ahead)
-        out_cm = (TableOutput(opts.output, opts.fmt, table_out, opts.inputs, resume=opts.resume,
-                              part_rows=opts.tables.part_rows) if table_out else
-                  open(opts.output, "a" if opts.resume else "w", encoding="utf-8")
-                  if opts.output else nullcontext(sys.stdout))
+        try:   # the CLI checked the path before loading; this is what changed since
+            out_cm = (TableOutput(opts.output, opts.fmt, table_out, opts.inputs, resume=opts.resume,
+                                  part_rows=opts.tables.part_rows) if table_out else
+                      open(opts.output, "a" if opts.resume else "w", encoding="utf-8")
+                      if opts.output else nullcontext(sys.stdout))
+        except OSError as e:
+            self.err.print(f"error: --output {opts.output!r}: {e.strerror or e}", highlight=False, soft_wrap=True)
+            return 2
         show = opts.progress if opts.progress is not None else (self.err.is_terminal and not opts.quiet)
         view = self.backend.progress_view() if self.backend is not None else ProgressView(self.engine)
         driver = self.backend if self.backend is not None else Driver(self.engine)
@@ -243,7 +247,7 @@ class BatchRun:
                 continue
             if isinstance(ev, Rejected):
                 p = self.pending.pop(ev.request_id)
-                self._reject(writer, p.record, f"line {p.record.line_no}: {ev.message}", p.ticket, view)
+                self._reject(writer, p.record, f"{p.record.where}: {ev.message}", p.ticket, view)
                 continue
             view.observe(ev)
             if not ev.finished:

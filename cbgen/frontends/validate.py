@@ -45,8 +45,10 @@ class InputCheck:
 
 def check_inputs(inputs: list[str], tokenizer, max_len: int, defaults: SamplingParams, system: str | None,
                  on_problem: Callable[[str], None], *, sample_size: int = 0, num_longest: int = 5,
-                 seed: int = 0, spec: TableSpec | None = None) -> InputCheck:
+                 seed: int = 0, spec: TableSpec | None = None, kv_tokens: int | None = None) -> InputCheck:
     """Parse and encode every line as ``cbgen run`` would; ``on_problem`` gets each problem as one line.
+    ``kv_tokens``: the KV pool's size in tokens; a prompt that fills it is a problem, as the
+    engine refuses it (``Engine.add_request``).
 
     ``sample`` is a reservoir sample (Vitter's algorithm R) of ``sample_size``
     valid inputs with their token ids, in random order, the same for the same input and seed.
@@ -60,11 +62,13 @@ def check_inputs(inputs: list[str], tokenizer, max_len: int, defaults: SamplingP
         else:
             try:
                 ids = encode(tokenizer, prompt=item.prompt, messages=item.messages, controls=item.chat_controls)
-                problem = (None if len(ids) < max_len else
-                           f"line {item.line_no}: prompt: {len(ids)} tokens leave no room to generate within "
-                           f"the context length of {max_len} tokens")
+                problem = (f"{item.where}: prompt: {len(ids)} tokens leave no room to generate within "
+                           f"the context length of {max_len} tokens" if len(ids) >= max_len else
+                           f"{item.where}: prompt: {len(ids)} tokens leave no room to generate in the KV cache "
+                           f"of {kv_tokens} tokens (raise --kv-cache-gb)" if kv_tokens and len(ids) >= kv_tokens
+                           else None)
             except PromptError as e:
-                problem = f"line {item.line_no}: {e}"
+                problem = f"{item.where}: {e}"
         if problem:
             check.num_invalid += 1
             on_problem(problem)
@@ -92,9 +96,11 @@ def check_inputs(inputs: list[str], tokenizer, max_len: int, defaults: SamplingP
 
 
 def validate_inputs(inputs: list[str], loaded, defaults: SamplingParams, system: str | None, err: Console,
-                    spec: TableSpec | None = None) -> int:
-    """Prints one line per problem and a summary to ``err``; returns the exit code (1 if any problem)."""
+                    spec: TableSpec | None = None, kv_tokens: int | None = None) -> int:
+    """Prints one line per problem and a summary to ``err``; returns the exit code (1 if any problem).
+    ``kv_tokens``: as ``check_inputs``."""
     check = check_inputs(inputs, loaded.tokenizer, loaded.max_model_len, defaults, system,
-                         lambda p: err.print(f"invalid: {p}", highlight=False, soft_wrap=True), spec=spec)
+                         lambda p: err.print(f"invalid: {p}", highlight=False, soft_wrap=True), spec=spec,
+                         kv_tokens=kv_tokens)
     err.print(f"validate: {check.num_valid} valid, {check.num_invalid} invalid", highlight=False)
     return 1 if check.num_invalid else 0

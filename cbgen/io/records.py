@@ -39,6 +39,7 @@ resumed ones.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import re
@@ -58,11 +59,15 @@ ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tok
 FIELDS = SamplingParams.field_names()
 KNOWN_SAMPLING = FIELDS | ALIASES.keys() | {"top_logprobs"}
 CBGEN_KEYS = {"id", "prompt", "messages", "metadata", *CBGEN_FIELDS}
+# Other tools' names for a field, which a line might use: cbgen's own option (--samples) and
+# vLLM's SamplingParams (min_tokens); below the typo cutoff, so named here.
+OTHER_NAMES = {"samples": "n", "min_tokens": "min_new_tokens"}
 # Engine and model settings hold for the whole run; a line naming one would otherwise be
 # ignored while its author believes it applied. Generic words a dataset may carry as a
 # column (model, device, threads, attention) stay ignored like any other extra key.
 RUN_SETTINGS = {
     "max_num_seqs": "--max-num-seqs", "max_num_batched_tokens": "--max-batched-tokens",
+    "max_batched_tokens": "--max-batched-tokens",
     "kv_cache_gb": "--kv-cache-gb", "enable_prefix_caching": "--no-prefix-cache",
     "deterministic": "--deterministic", "num_scheduler_steps": "--num-scheduler-steps",
     "dtype": "--dtype", "quantize": "--quantize",
@@ -96,6 +101,13 @@ class InputRecord:
     extra: dict[str, Any] = field(default_factory=dict)  # openai url/method/model; cbgen metadata
     chat_controls: ChatTemplateControls | None = None     # None: the defaults (see io/chat_controls.py)
     structured: StructuredOutputsParams | None = None   # the output constraint (structured_fields.py)
+    # Where it came from, as errors name it ("prompts.jsonl line 3", "data.parquet row 7");
+    # set by LineParser.admit, "line N" when no source is known.
+    location: str = ""
+
+    @property
+    def where(self) -> str:
+        return self.location or f"line {self.line_no}"
 
     @property
     def is_chat(self) -> bool:
@@ -217,7 +229,10 @@ def _cbgen(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: 
            structured: StructuredOutputsParams | None = None) -> InputRecord:
     _no_run_settings(obj, "")
     for key in sorted(obj.keys() - CBGEN_KEYS - KNOWN_SAMPLING - CONTROL_KEYS):
-        close = difflib.get_close_matches(key, KNOWN_SAMPLING, n=1, cutoff=0.8)
+        # 0.88: one letter off a field (temprature, max_token, topk) but not a dataset column
+        # that merely contains one (temperature_note 0.81, max_tokens_hint 0.80, top 0.86).
+        close = [OTHER_NAMES[key]] if key in OTHER_NAMES else difflib.get_close_matches(key, KNOWN_SAMPLING, n=1,
+                                                                                   cutoff=0.88)
         if close:
             raise _Bad(key, f"unknown field (did you mean '{close[0]}'?)")
     if "prompt" in obj and "messages" in obj:
@@ -310,7 +325,7 @@ def parse_line(line: str, line_no: int, defaults: SamplingParams, *, system: str
         try:
             obj = json.loads(body)  # starts with "{", so a successful parse is a dict
         except json.JSONDecodeError as e:
-            raise _Bad("json", f"invalid JSON: {e.msg} at column {len(line) - len(body) + e.colno}") from None
+            raise _Bad("json", f"invalid JSON: {e.msg.removesuffix(' at')} at column {len(line) - len(body) + e.colno}") from None
         except (ValueError, RecursionError) as e:  # a 5000-digit number, nesting too deep
             raise _Bad("json", f"invalid JSON: {e}") from None
         key = "custom_id" if "custom_id" in obj else "id" if "id" in obj else None
@@ -388,4 +403,4 @@ class LineParser:
         if r.id in self.skip_ids:
             self.skipped += 1
             return None
-        return r
+        return dataclasses.replace(r, location=loc) if isinstance(r, InputRecord) else r
