@@ -257,6 +257,10 @@ def run(
 ) -> None:
     """Generate for every line of INPUTS; one JSONL record per line as it finishes."""
     from .frontends.run import BatchRun, RunOptions
+    if text and fmt not in ("jsonl", "text"):
+        fail(f"--text is --format text; not with --format {fmt}")
+    if validate and dry_run:
+        fail("--validate and --dry-run: choose one (--dry-run validates too)")
     if text:
         fmt = "text"
     from .frontends.table_plan import TABLE_FMTS, output_format, plan_tables

@@ -191,6 +191,16 @@ def test_a_value_click_cannot_parse_is_one_line_too(args, expect):
     assert r.returncode == 2 and r.stderr.startswith(expect) and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.parametrize("extra, why", [
+    (["--text", "--format", "openai"], "error: --text is --format text; not with --format openai"),
+    (["--validate", "--dry-run"], "error: --validate and --dry-run: choose one"),
+])
+def test_options_that_contradict_each_other_are_refused(tmp_path, base_args, extra, why):
+    src = _write(tmp_path, "in.jsonl", ['{"prompt": "Hi", "max_tokens": 2}'])
+    r = _run([src, *base_args, *extra])
+    assert r.exit_code == 2 and r.stderr.startswith(why) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_output_that_is_an_input_or_cannot_be_written_fails_before_the_model_loads(tmp_path, base_args):
     src = _write(tmp_path, "in.jsonl", ['{"prompt": "Hi", "max_tokens": 2}'] * 3)
     for out, why in ((src, "is the input"), (str(tmp_path / "nope" / "o.jsonl"), "no such directory"),

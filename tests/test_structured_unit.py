@@ -4,6 +4,7 @@ library errors, the sampler's bitmask step, and what records say."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -106,6 +107,11 @@ def test_cli_defaults(tmp_path):
         from_options(json_schema=str(f))
     with pytest.raises(ValueError, match="--grammar .*cannot read"):
         from_options(grammar=str(tmp_path / "missing.lark"))
+    # An empty value (a shell variable that was empty) is an error, never "no constraint".
+    for kw, why in (("choice", "--choice '': expected a comma-separated list"), ("regex", "--regex '': expected"),
+                    ("json_schema", "--json-schema '': expected a file"), ("grammar", "--grammar '': expected")):
+        with pytest.raises(ValueError, match=re.escape(why)):
+            from_options(**{kw: ""})
 
 
 # ---- compiling --------------------------------------------------------------------

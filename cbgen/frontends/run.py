@@ -165,7 +165,7 @@ class BatchRun:
                         if sig.stop_admitting and sig.announced == 0:
                             sig.announced = 1
                             prefetch.close()
-                            self.err.print(f"stopping: no new inputs; finishing {len(self.pending)} running "
+                            self.err.print(f"stopping: no new inputs; finishing the {len(self.pending)} submitted, running or queued "
                                            "(Ctrl-C again to abort them)", highlight=False)
                         if sig.abort and sig.announced < 2:
                             sig.announced = 2

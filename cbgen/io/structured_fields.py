@@ -87,9 +87,13 @@ def from_options(json_mode: bool = False, json_schema: str | None = None, regex:
     ``--regex``, ``--choice a,b,c``, ``--grammar FILE``); ValueError naming the
     option for two of them, an unreadable file or a file that is not a JSON schema."""
     given = [name for name, v in (("--json", json_mode), ("--json-schema", json_schema), ("--regex", regex),
-                                  ("--choice", choice), ("--grammar", grammar)) if v]
+                                  ("--choice", choice), ("--grammar", grammar)) if v is not None and v is not False]
     if len(given) > 1:
         raise ValueError(f"{given[0]} and {given[1]} cannot be combined (one constraint per line)")
+    for name, v, what in (("--json-schema", json_schema, "a file"), ("--regex", regex, "a pattern"),
+                          ("--grammar", grammar, "a file")):
+        if v is not None and not v:   # '' from a shell variable that was empty: never "no constraint"
+            raise ValueError(f"{name} '': expected {what}")
     if json_mode:
         return StructuredOutputsParams.json_object(field="--json")
     if json_schema:
@@ -107,7 +111,7 @@ def from_options(json_mode: bool = False, json_schema: str | None = None, regex:
             raise ValueError(f"--json-schema {json_schema}: {e}") from None
     if regex:
         return StructuredOutputsParams("regex", regex, None, "--regex")
-    if choice:
+    if choice is not None:
         options = [c.strip() for c in choice.split(",") if c.strip()]
         if not options:
             raise ValueError(f"--choice {choice!r}: expected a comma-separated list of labels")
