@@ -59,8 +59,8 @@ def test_bad_specs_are_error_records_and_the_other_lines_complete(tmp_path, base
         e = recs[rid]
         assert e["finish_reason"] == "error" and e["text"] is None
         line_no = next(i for i, line in enumerate(LINES, 1) if line["id"] == rid)
-        assert e["error"].startswith(f"line {line_no}: field '{field}': {what}: ") and "\n" not in e["error"]
-        assert f"warning: line {line_no}: field '{field}'" in r.stderr
+        assert e["error"].startswith(f"in.jsonl line {line_no}: field '{field}': {what}: ") and "\n" not in e["error"]
+        assert f"warning: in.jsonl line {line_no}: field '{field}'" in r.stderr
     s = recs["schema"]
     assert s["structured"]["type"] == "json_schema" and s["structured"]["name"] == "city"
     if s["structured"]["complete"]:
@@ -108,5 +108,5 @@ def test_missing_extra_gives_error_records_naming_it(tmp_path, base_args):
     assert p.returncode == 1, p.stderr
     recs = _records(p.stdout)
     assert recs["c"]["finish_reason"] == "error" and "cbgen[structured]" in recs["c"]["error"]
-    assert recs["c"]["error"].startswith("line 1: field 'choice': ")
+    assert recs["c"]["error"].startswith("in.jsonl line 1: field 'choice': ")
     assert recs["free"]["finish_reason"] in ("stop", "length") and recs["free"]["text"]
