@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import signal
 import sys
 import time
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .config import EngineConfig, ModelConfig, SamplingParams
+from .frontends.option_checks import kv_tokens, option_error, output_problem
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Batch and interactive LLM generation on a continuous-batching engine.")
@@ -42,54 +42,9 @@ DeterministicOpt = typer.Option(False, "--deterministic", help="Batch-invariant:
                                 "small batch; README).")
 
 
-# The config field each option sets: a config ValueError names the field (cbgen/config.py),
-# the user typed the option, so the message is shown with the option's name.
-_OPTION_OF = {
-    "max_num_seqs": "--max-num-seqs", "max_num_batched_tokens": "--max-batched-tokens",
-    "kv_cache_gb": "--kv-cache-gb", "attention": "--attention", "num_scheduler_steps": "--num-scheduler-steps",
-    "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
-    "min_p": "--min-p", "repetition_penalty": "--repetition-penalty", "seed": "--seed", "stop": "--stop",
-    "n": "--samples", "dtype": "--dtype", "threads": "--threads", "impl": "--impl", "quantize": "--quantize",
-}
-_FIELD = re.compile(r"\b(%s)(?==| \()" % "|".join(sorted(_OPTION_OF, key=len, reverse=True)))
-
-
-def option_error(e: ValueError) -> str:
-    """A config validation message with each field named as its option:
-    ``max_num_batched_tokens=64 is invalid: expected >= max_num_seqs (128) ...`` becomes
-    ``--max-batched-tokens=64 is invalid: expected >= --max-num-seqs (128) ...``."""
-    return _FIELD.sub(lambda m: _OPTION_OF[m.group(1)], str(e))
-
-
 def fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-def _kv_tokens(loaded, cfg: EngineConfig) -> int | None:
-    """The KV pool's size in tokens the engine would get (None: a model without the paged pool)."""
-    spec = loaded.spec
-    if spec is None or not getattr(spec, "kv_pool", False):
-        return None
-    from .engine.runner import num_blocks_for
-    max_len = min(spec.max_model_len, cfg.max_model_len or spec.max_model_len)
-    return num_blocks_for(cfg, spec, max_len) * cfg.block_size
-
-
-def _check_output(output: str, inputs: list[str]) -> None:
-    """Fail before the model loads if --output cannot be written, or is one of the inputs
-    (opened for writing it would be truncated while it is read: the input lost, exit 0)."""
-    if os.path.isdir(output):
-        fail(f"--output {output!r}: is a directory, expected a file")
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        fail(f"--output {output!r}: no such directory {parent!r}")
-    if not os.access(parent, os.W_OK) or (os.path.exists(output) and not os.access(output, os.W_OK)):
-        fail(f"--output {output!r}: not writable")
-    for path in inputs:
-        if path != "-" and os.path.exists(output) and os.path.exists(path) and os.path.samefile(path, output):
-            fail(f"--output {output!r} is the input {path!r}: it would be overwritten while it is read; "
-                 "write to another file")
 
 
 def _load(model: str | None, dtype: str, threads: int | None, chat_template: str | None = None,
@@ -284,8 +239,8 @@ def run(
             fail(f"input {path!r}: no such file")
         if path != "-" and table_kind(path) is None and os.path.isfile(path) and (why := binary_reason(path)):
             fail(why)
-    if output:
-        _check_output(output, inputs)
+    if output and (why := output_problem(output, inputs)):
+        fail(why)
     try:
         tables = plan_tables(inputs, fmt=fmt, template=template, template_format=template_format,
                              prompt_column=prompt_column, messages_column=messages_column, id_column=id_column,
@@ -309,7 +264,7 @@ def run(
                    deterministic=deterministic)
     if validate:
         from .frontends.validate import validate_inputs
-        raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err, tables.spec, _kv_tokens(loaded, cfg)))
+        raise typer.Exit(validate_inputs(inputs, loaded, defaults, system, err, tables.spec, kv_tokens(loaded, cfg)))
     opts = RunOptions(inputs=inputs, output=output, fmt=fmt, order=order, resume=resume, system=system,
                       defaults=defaults, quiet=quiet, progress=progress, model_name=loaded.name, tables=tables,
                       shard=shard_spec, structured=structured)
