@@ -125,7 +125,8 @@ class ModelRunner:
         if not getattr(self.model, "batch_invariant", False):
             raise UnsupportedModelError(
                 f"deterministic needs cbgen's native forward (llama, mistral, qwen2, gemma3_text); "
-                f"{self.spec.architecture} runs through {type(self.model).__name__}, whose GEMMs are not batch-invariant")
+                f"this {self.spec.architecture} model runs through transformers' modules (--impl transformers, "
+                "or no native forward for it), whose GEMMs are not batch-invariant")
         if self.kernel is None:
             raise UnsupportedModelError(f"deterministic needs the native attention kernel: {self.kernel_why}")
         self.row_tile, self.per_token_attention = row_tile_for(self.dtype), True
