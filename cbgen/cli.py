@@ -239,7 +239,7 @@ def run(
             fail(f"input {path!r}: no such file")
         if path != "-" and table_kind(path) is None and os.path.isfile(path) and (why := binary_reason(path)):
             fail(why)
-    if output and (why := output_problem(output, inputs)):
+    if output and (why := output_problem(output, inputs, [chat_template, json_schema, grammar, model])):
         fail(why)
     try:
         tables = plan_tables(inputs, fmt=fmt, template=template, template_format=template_format,
@@ -337,6 +337,8 @@ def merge(
                                                "order): gives input order and checks that no id is missing."),
 ) -> None:
     """Merge shard outputs into one, in input order; name any missing or duplicate ids (exit 1)."""
+    if output and (why := output_problem(output, [*outputs, *(inputs or ())])):
+        fail(why)
     from .frontends.merge import run_merge
     raise typer.Exit(run_merge(outputs, output, inputs, err))
 
@@ -510,7 +512,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False, prog_name="cbgen")
     except click_exception as e:
-        if type(e).__name__ == "NoArgsIsHelpError":   # `cbgen` or `cbgen run` alone: the help
+        if type(e).__name__ == "NoArgsIsHelpError":   # `cbgen` or `cbgen cache` alone: the help (exit 2)
             e.show()
         else:
             where = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) is not None else ""

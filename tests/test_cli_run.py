@@ -203,11 +203,21 @@ def test_options_that_contradict_each_other_are_refused(tmp_path, base_args, ext
 
 def test_output_that_is_an_input_or_cannot_be_written_fails_before_the_model_loads(tmp_path, base_args):
     src = _write(tmp_path, "in.jsonl", ['{"prompt": "Hi", "max_tokens": 2}'] * 3)
-    for out, why in ((src, "is the input"), (str(tmp_path / "nope" / "o.jsonl"), "no such directory"),
-                     (str(tmp_path), "is a directory")):
-        r = _run([src, "-o", out, *base_args])
+    tpl = _write(tmp_path, "t.jinja", ["{{ messages[0]['content'] }}"])
+    (tmp_path / "o.parquet.parts").write_text("not a directory")
+    for out, extra, why in ((src, [], f"is read by this run ({src!r})"),
+                            (tpl, ["--chat-template", tpl], f"is read by this run ({tpl!r})"),
+                            (str(tmp_path / "nope" / "o.jsonl"), [], "no such directory"),
+                            (str(tmp_path), [], "is a directory"),
+                            (str(tmp_path / "o.parquet"), [], "o.parquet.parts' is a file")):
+        r = _run([src, "-o", out, *extra, *base_args])
         assert r.exit_code == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert len(open(src).read().splitlines()) == 3   # the input is untouched
+    assert len(open(src).read().splitlines()) == 3 and len(open(tpl).read().splitlines()) == 1   # untouched
+    with open(src, "rb") as stdin:   # stdin redirected from the output file
+        p = subprocess.run([*CBGEN, "run", "-", "-o", src, *base_args], stdin=stdin, capture_output=True, text=True,
+                           cwd=REPO, timeout=120)
+    assert p.returncode == 2 and "is read by this run (stdin)" in p.stderr, p.stderr
+    assert len(open(src).read().splitlines()) == 3
 
 
 def test_status_lines_stay_one_line_when_stderr_is_a_file(tmp_path, base_args):

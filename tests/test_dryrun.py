@@ -54,6 +54,20 @@ def test_probe_measures_steps_and_natural_lengths(tmp_path, tiny_loaded):
     assert not engine.has_unfinished
 
 
+def test_a_stopped_probe_returns_at_once_and_leaves_the_engine_idle(tmp_path, tiny_loaded):
+    """Ctrl-C during --dry-run sets ``stop``: the probe aborts what runs at its next step."""
+    import threading
+    engine = Engine.from_loaded(tiny_loaded, EngineConfig(max_num_seqs=8, max_num_batched_tokens=64))
+    src = _write(tmp_path, [json.dumps({"id": f"q{i}", "prompt": "fox " * 5, "max_new_tokens": 500,
+                                        "ignore_eos": True}) for i in range(8)])
+    check = check_inputs([src], tiny_loaded.tokenizer, engine.max_model_len, SamplingParams(), None, print,
+                         sample_size=8)
+    stop = threading.Event()
+    stop.set()
+    probe = run_probe(engine, check.sample, rows=8, length_samples=4, time_limit=30, stop=stop)
+    assert not engine.has_unfinished and len(probe.steps) <= 2 and not any(s.finished for s in probe.lengths)
+
+
 def test_probe_bounds_its_prefill_so_the_batch_gets_to_decode_together(tmp_path, tiny_loaded):
     """The concurrency part takes no more prompts than PREFILL_STEPS full steps of prompt
     tokens: at 256 rows, prefilling every prompt outlasted the part's time, and the probe never

@@ -102,6 +102,10 @@ def test_per_line_overrides_and_aliases():
     ({"prompt": "x", "deterministic": True}, "deterministic",
      "field 'deterministic': a setting of the whole run, not of one line (the option --deterministic)"),
     ({"messages": [{"role": "user", "content": "q"}], "max_num_seqs": 4}, "max_num_seqs", "--max-num-seqs"),
+    ({"custom_id": "c", "body": {"messages": [{"role": "user", "content": "q"}], "temprature": 1}},
+     "body.temprature", "unknown field (did you mean 'temperature'?)"),
+    ({"custom_id": "c", "deterministic": True, "body": {"messages": [{"role": "user", "content": "q"}]}},
+     "deterministic", "a setting of the whole run"),
     ({"custom_id": "c", "body": {"messages": [{"role": "user", "content": "q"}], "kv_cache_gb": 4}},
      "body.kv_cache_gb", "a setting of the whole run, not of one line (the option --kv-cache-gb)"),
     ({"prompt": "x", "id": [1]}, "id", "field 'id': expected a non-empty string or an integer"),
@@ -121,6 +125,16 @@ def test_bad_input_is_an_error_naming_line_and_field(obj, field, expect):
     assert isinstance(r, InputError), r
     assert r.field == field and r.line_no == 7 and expect in r.message and r.message.startswith("line 7: ")
     assert "\n" not in r.message and str(r) == r.message
+
+
+def test_vllm_min_tokens_and_a_body_column_beside_a_prompt():
+    assert p({"prompt": "x", "min_tokens": 2}).params.min_new_tokens == 2
+    r = p({"custom_id": "c", "body": {"messages": [{"role": "user", "content": "q"}], "min_tokens": 3}})
+    assert r.kind == "openai" and r.params.min_new_tokens == 3
+    r = p({"prompt": "The sky is", "body": "an email body column"})
+    assert isinstance(r, InputRecord) and r.kind == "prompt"
+    r = p({"custom_id": "c1", "prompt": "x"})
+    assert isinstance(r, InputRecord) and (r.kind, r.id) == ("prompt", "c1")
 
 
 def test_extra_columns_a_dataset_carries_are_ignored():

@@ -10,6 +10,7 @@ point and a range, with its assumptions stated.
 from __future__ import annotations
 
 import sys
+import threading
 from typing import TextIO
 
 from rich.console import Console
@@ -17,6 +18,7 @@ from rich.console import Console
 from ..config import SamplingParams
 from ..engine.engine import Engine
 from .eta import Estimate, StepCost, estimate
+from .interrupts import StopSignals
 from .probe import ProbeResult, run_probe
 from ..compute import compute_thread
 from .validate import InputCheck, check_inputs
@@ -78,8 +80,19 @@ def dry_run(inputs: list[str], loaded, engine: Engine, defaults: SamplingParams,
     err.print(f"probing this machine ({probe_seconds:.0f}s, then up to {length_seconds:.0f}s "
               "until the sampled answers end)...", style="dim", highlight=False)
     # On the compute thread, where the model was loaded and `cbgen run` steps (cbgen/compute.py).
-    probe = compute_thread().call(run_probe, engine, check.sample, rows=sum(check.num_samples),
-                                  time_limit=probe_seconds, length_limit=length_seconds)
+    # Ctrl-C stops the probe at its next step and waits for it: leaving the thread inside torch
+    # while the interpreter exits aborted the process (SIGABRT, "terminate called ...").
+    stop = threading.Event()
+    job = compute_thread().submit(run_probe, engine, check.sample, rows=sum(check.num_samples),
+                                  time_limit=probe_seconds, length_limit=length_seconds, stop=stop)
+    try:
+        probe = job.result()
+    except KeyboardInterrupt:
+        stop.set()
+        err.print("interrupted: the probe stopped; no ETA", highlight=False)
+        with StopSignals():   # a second Ctrl-C while the step ends must not abort either
+            job.exception()
+        return 130
     cost = StepCost.fit(probe.steps)
     if 2 * probe.num_cut > len(probe.lengths):
         err.print(f"warning: the probe's time ran out before {probe.num_cut} of {len(probe.lengths)} sampled answers ended "

@@ -27,21 +27,48 @@ def option_error(e: ValueError) -> str:
     return _FIELD.sub(lambda m: OPTION_OF[m.group(1)], str(e))
 
 
-def output_problem(output: str, inputs: list[str]) -> str | None:
-    """Why ``--output`` cannot be written, or None. One of the inputs is a problem too: opened
-    for writing it would be truncated while it is read (the input lost, and the run exited 0)."""
-    if os.path.isdir(output):
+def output_problem(output: str, inputs: list[str], reads: list[str | None] = ()) -> str | None:
+    """Why ``--output`` cannot be written, or None. A file the run reads is a problem too:
+    opened for writing it would be truncated while it is read (the input lost, and the run
+    exited 0). ``inputs``: the positional inputs ("-": stdin, checked by its file); ``reads``:
+    other files the run reads (``--chat-template``, ``--json-schema``, ``--grammar``, the
+    model file), None where not given. A table output owns ``OUT.parts`` (table_parts.py) and
+    empties it at the start, so an input inside it, or a file of that name, is a problem."""
+    if os.path.isdir(output) or output.endswith(os.sep):
         return f"--output {output!r}: is a directory, expected a file"
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        return f"--output {output!r}: no such directory {parent!r}"
-    if not os.access(parent, os.W_OK) or (os.path.exists(output) and not os.access(output, os.W_OK)):
-        return f"--output {output!r}: not writable"
-    for path in inputs:
-        if path != "-" and os.path.exists(output) and os.path.exists(path) and os.path.samefile(path, output):
-            return (f"--output {output!r} is the input {path!r}: it would be overwritten while it is read; "
+    if os.path.exists(output):
+        if not os.access(output, os.W_OK):
+            return f"--output {output!r}: not writable"
+    else:
+        parent = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(parent):
+            return f"--output {output!r}: no such directory {parent!r}"
+        if not os.access(parent, os.W_OK):
+            return f"--output {output!r}: not writable (directory {parent!r})"
+    out = os.path.abspath(output)
+    for path in [*inputs, *(r for r in reads if r)]:
+        if path == "-":
+            same = os.path.exists(output) and _same_file(os.fstat(0), os.stat(output))
+        else:
+            same = os.path.exists(output) and os.path.exists(path) and os.path.samefile(path, output)
+            if not same and os.path.isdir(path):   # a datasets directory: its files are read too
+                same = out.startswith(os.path.abspath(path) + os.sep)
+        if same:
+            what = "stdin" if path == "-" else repr(path)
+            return (f"--output {output!r} is read by this run ({what}): it would be overwritten while it is read; "
                     "write to another file")
+    parts = out + ".parts"
+    if os.path.exists(parts) and not os.path.isdir(parts):
+        return f"--output {output!r}: {parts!r} is a file; a table output keeps its parts in that directory"
+    for path in inputs:
+        if path != "-" and (os.path.abspath(path) + os.sep).startswith(parts + os.sep):
+            return (f"--output {output!r}: the input {path!r} is in {parts!r}, which a table output empties "
+                    "when it starts; write to another file")
     return None
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def kv_tokens(loaded, cfg: EngineConfig) -> int | None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -73,15 +74,17 @@ def timed_step(engine: Engine) -> tuple[StepSample, list]:
                       max(prefill, 0)), outputs
 
 
-def _drain(engine: Engine, deadline: float, steps: list[StepSample], min_steps: int = 3
-           ) -> dict[tuple[str, int], object]:
+def _drain(engine: Engine, deadline: float, steps: list[StepSample], min_steps: int = 3,
+           stop: threading.Event | None = None) -> dict[tuple[str, int], object]:
     """Step until nothing is live or ``deadline`` (then abort the rest, but not before ``min_steps``
-    steps were measured: a fit needs points); the last output per sample."""
+    steps were measured: a fit needs points), or at once when ``stop`` is set; the last output
+    per sample."""
     last: dict[tuple[str, int], object] = {}
     aborted = False
     first = len(steps)
     while engine.has_unfinished:
-        if not aborted and time.monotonic() > deadline and len(steps) - first >= min_steps:
+        if not aborted and ((stop is not None and stop.is_set())
+                            or (time.monotonic() > deadline and len(steps) - first >= min_steps)):
             for rid in engine.live_ids():
                 engine.abort(rid)
             aborted = True
@@ -99,14 +102,16 @@ def _probe_params(p: SamplingParams, new_tokens: int) -> SamplingParams:
 
 
 def run_probe(engine: Engine, sample: list[CheckedPrompt], *, rows: int, length_samples: int = 48,
-              decode_steps: int = 8, time_limit: float = 15.0, length_limit: float = 90.0) -> ProbeResult:
+              decode_steps: int = 8, time_limit: float = 15.0, length_limit: float = 90.0,
+              stop: threading.Event | None = None) -> ProbeResult:
     """Measure ``engine`` on ``sample`` (random valid inputs with token ids) after a warm-up request.
 
     The concurrency part gets at most 45% of ``time_limit`` seconds. The lengths
     part runs until its sequences end, or until ``length_limit`` seconds from the
     probe's start (never less than ``time_limit``); a sequence still running
     then is aborted and reported as cut (``LengthSample.finished`` False).
-    Raises ValueError for an empty sample.
+    ``stop`` (set from another thread, e.g. on Ctrl-C): abort what runs at the next step and
+    return at once, the engine left idle. Raises ValueError for an empty sample.
     """
     if not sample:
         raise ValueError("sample: need at least one valid input to probe")
@@ -128,14 +133,14 @@ def run_probe(engine: Engine, sample: list[CheckedPrompt], *, rows: int, length_
     for i, p in enumerate(chosen):
         limit = min(new_tokens, engine.max_model_len - p.num_prompt_tokens)
         engine.add_request(f"probe-{i}", p.token_ids, _probe_params(p.params, max(1, limit)))
-    _drain(engine, start + 0.45 * time_limit, steps)
+    _drain(engine, start + 0.45 * time_limit, steps, stop=stop)
     looked = bm.prefix_queries - looked0
     hit_rate = (bm.prefix_hits - hits0) / looked if looked else 0.0
 
     measured = sample[:length_samples]
     for i, p in enumerate(measured):
         engine.add_request(f"length-{i}", p.token_ids, p.params)
-    last = _drain(engine, start + max(time_limit, length_limit), steps)
+    last = _drain(engine, start + max(time_limit, length_limit), steps, stop=stop)
     lengths = []
     for i, p in enumerate(measured):
         limit = min(p.params.max_new_tokens, engine.max_model_len - p.num_prompt_tokens)

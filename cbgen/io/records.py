@@ -8,7 +8,8 @@ Formats, detected per line (a file may mix them):
 * ``{"prompt": str, ...}``: a raw completion prompt (kind ``prompt``); no chat
   template, so ``--system`` does not apply.
 * ``{"messages": [{"role", "content"}, ...], ...}``: a chat (kind ``messages``).
-* OpenAI Batch envelope, recognised by ``custom_id`` or ``body`` (kind
+* OpenAI Batch envelope, recognised by ``custom_id`` or ``body`` without a top-level
+  ``prompt`` or ``messages`` (a ``body`` column beside a prompt is a dataset's) (kind
   ``openai``): ``url`` ``/v1/chat/completions`` (``body.messages``, the default)
   or ``/v1/completions`` (``body.prompt``).
 
@@ -55,13 +56,14 @@ from cbgen.io.field_error import show as _show
 from cbgen.io.logprob_fields import LogprobFieldError, resolve_logprobs
 from cbgen.io.structured_fields import CBGEN_FIELDS, parse_structured
 
-ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
+# OpenAI's names for max_new_tokens, and vLLM's for min_new_tokens (SamplingParams.min_tokens,
+# which its OpenAI server takes in the body too).
+ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}
 FIELDS = SamplingParams.field_names()
 KNOWN_SAMPLING = FIELDS | ALIASES.keys() | {"top_logprobs"}
 CBGEN_KEYS = {"id", "prompt", "messages", "metadata", *CBGEN_FIELDS}
-# Other tools' names for a field, which a line might use: cbgen's own option (--samples) and
-# vLLM's SamplingParams (min_tokens); below the typo cutoff, so named here.
-OTHER_NAMES = {"samples": "n", "min_tokens": "min_new_tokens"}
+# cbgen's option name for a field (--samples), which a line might use; below the typo cutoff.
+OTHER_NAMES = {"samples": "n"}
 # Engine and model settings hold for the whole run; a line naming one would otherwise be
 # ignored while its author believes it applied. Generic words a dataset may carry as a
 # column (model, device, threads, attention) stay ignored like any other extra key.
@@ -225,16 +227,22 @@ def _no_run_settings(obj: dict, prefix: str) -> None:
         raise _Bad(prefix + key, f"a setting of the whole run, not of one line (the option {RUN_SETTINGS[key]})")
 
 
-def _cbgen(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None,
-           structured: StructuredOutputsParams | None = None) -> InputRecord:
-    _no_run_settings(obj, "")
-    for key in sorted(obj.keys() - CBGEN_KEYS - KNOWN_SAMPLING - CONTROL_KEYS):
+def _check_keys(obj: dict, prefix: str, structural: Collection[str]) -> None:
+    """Whole-run settings and likely misspellings of a sampling field among ``obj``'s keys are
+    errors; every other key is ignored (a dataset's columns, OpenAI fields cbgen does not use)."""
+    _no_run_settings(obj, prefix)
+    for key in sorted(obj.keys() - set(structural) - KNOWN_SAMPLING - CONTROL_KEYS):
         # 0.88: one letter off a field (temprature, max_token, topk) but not a dataset column
         # that merely contains one (temperature_note 0.81, max_tokens_hint 0.80, top 0.86).
         close = [OTHER_NAMES[key]] if key in OTHER_NAMES else difflib.get_close_matches(key, KNOWN_SAMPLING, n=1,
                                                                                    cutoff=0.88)
         if close:
-            raise _Bad(key, f"unknown field (did you mean '{close[0]}'?)")
+            raise _Bad(prefix + key, f"unknown field (did you mean '{close[0]}'?)")
+
+
+def _cbgen(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system: str | None,
+           structured: StructuredOutputsParams | None = None) -> InputRecord:
+    _check_keys(obj, "", CBGEN_KEYS)
     if "prompt" in obj and "messages" in obj:
         raise _Bad("messages", "give either 'prompt' or 'messages', not both")
     if "messages" in obj:
@@ -262,7 +270,8 @@ def _openai(obj: dict, rid: str, line_no: int, defaults: SamplingParams, system:
     body = obj.get("body")
     if not isinstance(body, dict):
         raise _Bad("body", f"expected an object with the request, got {_show(body)}")
-    _no_run_settings(body, "body.")
+    _no_run_settings(obj, "")   # beside the body, where nothing but the envelope's keys apply
+    _check_keys(body, "body.", ("messages", "prompt", *CBGEN_FIELDS))
     need = OPENAI_URLS[url]
     if need not in body:
         raise _Bad(f"body.{need}", f"missing: {url} needs '{need}'")
@@ -331,7 +340,9 @@ def parse_line(line: str, line_no: int, defaults: SamplingParams, *, system: str
         key = "custom_id" if "custom_id" in obj else "id" if "id" in obj else None
         if key is not None:
             rid = _record_id(obj, key)  # before other checks, so errors carry the line's own id
-        if "custom_id" in obj or "body" in obj:
+        # The envelope has a body (or a custom_id without a prompt of its own); a "body" column
+        # beside a prompt or messages is a dataset's, and such a line is cbgen's format.
+        if ("body" in obj or "custom_id" in obj) and "prompt" not in obj and "messages" not in obj:
             return _openai(obj, rid, line_no, defaults, system, structured)
         return _cbgen(obj, rid, line_no, defaults, system, structured)
     except _Bad as b:
