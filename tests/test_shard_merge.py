@@ -116,6 +116,16 @@ def test_merge_refuses_a_non_output_file_and_leaves_no_partial_file(tmp_path):
         merge_outputs([bad], open(tmp_path / "x", "wb"))
 
 
+def test_merge_refuses_an_output_it_reads(tmp_path):
+    """-o naming one of merge's files (a shard output or an --input) would truncate it first."""
+    shard = _write(tmp_path, "s0.jsonl", [json.dumps({"id": "a", "text": "x", "finish_reason": "stop"})])
+    prompts = _write(tmp_path, "p.txt", ["hello"])
+    for out, extra in ((shard, []), (prompts, ["--input", prompts])):
+        r = _run(["merge", shard, "-o", out, *extra])
+        assert r.exit_code == 2 and "is read by this run" in r.stderr, r.stderr
+    assert open(prompts).read() == "hello\n" and '"id": "a"' in open(shard).read()
+
+
 def test_input_ids_match_run_ids_with_several_inputs(tmp_path):
     a = _write(tmp_path, "a.txt", ["hi", "", "there"])
     b = _write(tmp_path, "b.jsonl", [json.dumps({"id": "x", "prompt": "p"}), "{bad"])
