@@ -248,4 +248,15 @@ class ModelConfig:
         _check(self.quantize in ("none", "int8", "auto"), "quantize", self.quantize, "none, int8 or auto")
 
 
-__all__ = ["SamplingParams", "EngineConfig", "ModelConfig", "field"]
+# The command-line option that sets each field, for messages that must name what the user
+# typed (cli's option errors, records' refusal of a whole-run setting on one input line).
+OPTION_OF = {
+    "max_num_seqs": "--max-num-seqs", "max_num_batched_tokens": "--max-batched-tokens",
+    "kv_cache_gb": "--kv-cache-gb", "enable_prefix_caching": "--no-prefix-cache", "attention": "--attention",
+    "deterministic": "--deterministic", "num_scheduler_steps": "--num-scheduler-steps",
+    "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
+    "min_p": "--min-p", "repetition_penalty": "--repetition-penalty", "seed": "--seed", "stop": "--stop",
+    "n": "--samples", "dtype": "--dtype", "threads": "--threads", "impl": "--impl", "quantize": "--quantize",
+}
+
+__all__ = ["SamplingParams", "EngineConfig", "ModelConfig", "OPTION_OF", "field"]

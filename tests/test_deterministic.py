@@ -254,7 +254,7 @@ def test_cli_run_deterministic_same_records_alone_and_together(tiny_model_dir, t
 
 
 @pytest.mark.parametrize("extra, why", [
-    (["--attention", "torch"], "error: --attention='torch' is invalid: expected auto or native with deterministic"),
+    (["--attention", "torch"], "error: --attention='torch' is invalid: expected auto or native with --deterministic"),
     (["--impl", "transformers"], "error: deterministic needs cbgen's native forward"),
 ])
 def test_cli_run_deterministic_refused_in_one_line(tiny_model_dir, extra, why):

@@ -40,6 +40,11 @@ class BlockManager:
         return len(self._free)
 
     @property
+    def num_tokens(self) -> int:
+        """Tokens the whole pool holds."""
+        return self.num_blocks * self.block_size
+
+    @property
     def usage(self) -> float:
         return 1.0 - len(self._free) / self.num_blocks
 

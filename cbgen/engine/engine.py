@@ -23,7 +23,7 @@ from .request import Request
 from .architectures import as_model
 from .model import Model
 from .model_spec import eos_ids
-from .runner import ModelRunner, num_blocks_for
+from .runner import ModelRunner, max_len_for, num_blocks_for
 from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from .structured import GrammarCache
 from .structured_params import StructuredOutputsParams
@@ -79,7 +79,7 @@ class Engine:
             self.notice = model.notice
         self.model = model
         spec = model.spec
-        self.max_model_len = min(spec.max_model_len, self.config.max_model_len or spec.max_model_len)
+        self.max_model_len = max_len_for(self.config, spec)
         self.vocab_size = spec.vocab_size
         self.eos_token_ids = frozenset(spec.eos_token_ids)
         num_blocks = num_blocks_for(self.config, spec, self.max_model_len)
@@ -138,7 +138,7 @@ class Engine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(prompt_token_ids)} tokens leave no room to generate "
                              f"within the context length of {self.max_model_len} tokens")
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        capacity = self.block_manager.num_tokens
         if len(prompt_token_ids) >= capacity:
             raise ValueError(f"prompt: {len(prompt_token_ids)} tokens leave no room to generate in the KV cache "
                              f"of {capacity} tokens (raise --kv-cache-gb)")

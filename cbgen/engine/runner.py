@@ -25,7 +25,12 @@ from .model_spec import ModelSpec
 from .sampler import GrammarMasks, SampleResult, sample
 from .scheduler import SchedulerOutput
 
-__all__ = ["ModelRunner", "UnsupportedModelError", "choose_kernel", "num_blocks_for"]
+__all__ = ["ModelRunner", "UnsupportedModelError", "choose_kernel", "max_len_for", "num_blocks_for"]
+
+
+def max_len_for(cfg: EngineConfig, spec: ModelSpec) -> int:
+    """The context length an engine serves: the model's, lowered by ``cfg.max_model_len``."""
+    return min(spec.max_model_len, cfg.max_model_len or spec.max_model_len)
 
 
 def num_blocks_for(cfg: EngineConfig, spec: ModelSpec, max_model_len: int) -> int:

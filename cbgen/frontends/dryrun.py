@@ -70,7 +70,7 @@ def dry_run(inputs: list[str], loaded, engine: Engine, defaults: SamplingParams,
     check = check_inputs(inputs, loaded.tokenizer, engine.max_model_len, defaults, system,
                          lambda p: err.print(f"invalid: {p}", highlight=False, soft_wrap=True),
                          sample_size=max(SAMPLE_SIZE, engine.config.max_num_seqs), spec=spec,
-                         kv_tokens=engine.block_manager.num_blocks * engine.block_manager.block_size)
+                         kv_tokens=engine.block_manager.num_tokens)
     code = 1 if check.num_invalid else 0
     print(f"dry run: {check.num_valid + check.num_invalid} inputs, {check.num_valid} valid, "
           f"{check.num_invalid} invalid; model {loaded.name}", file=out, flush=True)
@@ -101,6 +101,6 @@ def dry_run(inputs: list[str], loaded, engine: Engine, defaults: SamplingParams,
     bm = engine.block_manager
     est = estimate(check.prompt_tokens, check.max_new_tokens, check.num_samples, probe.lengths, cost,
                    engine.config.max_num_seqs, engine.config.max_num_batched_tokens,
-                   bm.num_blocks * bm.block_size, bm.block_size, cached_fraction=probe.prefix_hit_rate)
+                   bm.num_tokens, bm.block_size, cached_fraction=probe.prefix_hit_rate)
     _report(check, probe, cost, est, engine.max_model_len, startup_s, out)
     return code

@@ -6,17 +6,10 @@ from __future__ import annotations
 import os
 import re
 
-from ..config import EngineConfig
+from ..config import OPTION_OF, EngineConfig
 
-# The config field each option sets: a config ValueError names the field (cbgen/config.py),
-# the user typed the option, so the message is shown with the option's name.
-OPTION_OF = {
-    "max_num_seqs": "--max-num-seqs", "max_num_batched_tokens": "--max-batched-tokens",
-    "kv_cache_gb": "--kv-cache-gb", "attention": "--attention", "num_scheduler_steps": "--num-scheduler-steps",
-    "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
-    "min_p": "--min-p", "repetition_penalty": "--repetition-penalty", "seed": "--seed", "stop": "--stop",
-    "n": "--samples", "dtype": "--dtype", "threads": "--threads", "impl": "--impl", "quantize": "--quantize",
-}
+# A config ValueError names the field (cbgen/config.py); the user typed the option, so the
+# message is shown with the option's name.
 _FIELD = re.compile(r"\b(%s)(?==| \()" % "|".join(sorted(OPTION_OF, key=len, reverse=True)))
 
 
@@ -77,6 +70,5 @@ def kv_tokens(loaded, cfg: EngineConfig) -> int | None:
     spec = loaded.spec
     if spec is None or not getattr(spec, "kv_pool", False):
         return None
-    from ..engine.runner import num_blocks_for
-    max_len = min(spec.max_model_len, cfg.max_model_len or spec.max_model_len)
-    return num_blocks_for(cfg, spec, max_len) * cfg.block_size
+    from ..engine.runner import max_len_for, num_blocks_for
+    return num_blocks_for(cfg, spec, max_len_for(cfg, spec)) * cfg.block_size

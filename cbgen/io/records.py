@@ -47,7 +47,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Collection
 
-from cbgen.config import SamplingParams
+from cbgen.config import OPTION_OF, EngineConfig, SamplingParams
 from cbgen.engine.structured_params import StructuredOutputsParams
 from cbgen.io.chat_controls import CONTROL_KEYS, ChatTemplateControls, ControlError, parse_controls
 from cbgen.io.encoding import invalid_message
@@ -67,13 +67,9 @@ OTHER_NAMES = {"samples": "n"}
 # Engine and model settings hold for the whole run; a line naming one would otherwise be
 # ignored while its author believes it applied. Generic words a dataset may carry as a
 # column (model, device, threads, attention) stay ignored like any other extra key.
-RUN_SETTINGS = {
-    "max_num_seqs": "--max-num-seqs", "max_num_batched_tokens": "--max-batched-tokens",
-    "max_batched_tokens": "--max-batched-tokens",
-    "kv_cache_gb": "--kv-cache-gb", "enable_prefix_caching": "--no-prefix-cache",
-    "deterministic": "--deterministic", "num_scheduler_steps": "--num-scheduler-steps",
-    "dtype": "--dtype", "quantize": "--quantize",
-}
+RUN_SETTINGS = {k: OPTION_OF[k] for k in ({f.name for f in dataclasses.fields(EngineConfig)} | {"dtype", "quantize"})
+                & OPTION_OF.keys() - {"attention"}}
+RUN_SETTINGS["max_batched_tokens"] = OPTION_OF["max_num_batched_tokens"]   # the option's own spelling
 ROLES = ("system", "user", "assistant")
 OPENAI_URLS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
 DEFAULT_SOURCE = "input"          # the source name when a caller names none
